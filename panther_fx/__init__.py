@@ -1,0 +1,20 @@
+"""panther_fx: randomized numerical linear algebra for PyTorch, delivered through ``torch.compile``.
+
+    compiled = torch.compile(model, backend="panther", options={"policy": "panther.toml"})
+
+Importing this package registers the ``torch.ops.panther`` ops; the backend itself is found through the
+``torch_dynamo_backends`` entry point, so ``import panther_fx`` is not needed to compile.
+"""
+
+from . import linalg, ops
+from .backend import compile, last_report, panther_backend
+from .ops import kernel_info
+from .policy import Decision, Policy, PolicyError, load_policy
+from .report import LayerReport, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decision", "LayerReport", "Policy", "PolicyError", "Report", "compile", "kernel_info", "last_report",
+    "linalg", "load_policy", "ops", "panther_backend",
+]

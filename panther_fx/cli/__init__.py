@@ -1,0 +1,1 @@
+"""The ``panther-fx`` command line."""

@@ -1,0 +1,33 @@
+"""Helpers shared by the CLI subcommands: loading user objects and reporting user errors."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+__all__ = ["CLIError", "load_object"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def load_object(spec: str) -> Any:
+    """Resolve ``pkg.module:attr`` (the current directory is importable, like ``python -m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"expected 'pkg.module:name', got {spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CLIError(f"cannot import {module_name!r}: {e}") from None
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise CLIError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj

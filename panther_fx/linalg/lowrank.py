@@ -1,0 +1,69 @@
+"""Factorizations of dense weights, shared by the backend's rewrites and the modules' ``from_dense``.
+
+All factors are computed in float32 (float64 stays float64) on the weight's device, then cast back to the
+weight's dtype, so a bf16 model is factorized as accurately as its weights allow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._random import random_signs
+from .rsvd import rsvd
+
+__all__ = ["svd_factors", "sketch_factors", "sketch_weight", "EXACT_SVD_MAX_DIM"]
+
+EXACT_SVD_MAX_DIM = 1024
+"""Matrices whose smaller side is at most this use the exact SVD: it is fast there and optimal."""
+
+
+def _work_dtype(W: Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def svd_factors(W: Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """W (O, I) ≈ A @ B with A (O, r) = U √S and B (r, I) = √S Vh from a rank-r SVD.
+
+    Exact ``torch.linalg.svd`` when min(O, I) <= ``EXACT_SVD_MAX_DIM`` or the sketch would cover more
+    than a quarter of the smaller side; otherwise :func:`~panther_fx.linalg.rsvd`.
+    """
+    Wf = W.detach().to(_work_dtype(W))
+    smallest = min(Wf.shape)
+    if smallest <= EXACT_SVD_MAX_DIM or 4 * (rank + oversample) >= smallest:
+        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    else:
+        U, S, Vh = rsvd(Wf, rank, oversample=oversample, n_iter=n_iter, generator=generator)
+    root = S.sqrt()
+    A = (U * root).to(W.dtype).contiguous()
+    B = (root[:, None] * Vh).to(W.dtype).contiguous()
+    return A, B
+
+
+@torch.no_grad()
+def sketch_factors(W: Tensor, num_terms: int, low_rank: int, *,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Panther/Kasiviswanathan sketch of W (O, I) -> (S1 (L, I, k), S2 (L, k, O), U1 (L, k, O), U2 (L, I, k)).
+
+    U1_i and U2_i are fixed ±1/√k sign matrices; S1_i = Wᵀ U1_iᵀ and S2_i = U2_iᵀ Wᵀ, so that
+    1/(2L) Σ_i (S1_i U1_i + U2_i S2_i) is an unbiased estimate of Wᵀ.
+    """
+    O, I = W.shape
+    L, k = num_terms, low_rank
+    dtype = _work_dtype(W)
+    Wt = W.detach().to(dtype).t()
+    scale = k ** -0.5
+    U1 = random_signs((L, k, O), generator=generator, scale=scale, dtype=dtype, device=W.device)
+    U2 = random_signs((L, I, k), generator=generator, scale=scale, dtype=dtype, device=W.device)
+    S1 = Wt @ U1.transpose(1, 2)
+    S2 = U2.transpose(1, 2) @ Wt
+    return tuple(t.to(W.dtype).contiguous() for t in (S1, S2, U1, U2))
+
+
+def sketch_weight(S1: Tensor, S2: Tensor, U1: Tensor, U2: Tensor) -> Tensor:
+    """The dense (O, I) weight that the sketch factors represent: (1/(2L) Σ_i S1_i U1_i + U2_i S2_i)ᵀ."""
+    L = S1.shape[0]
+    return ((S1 @ U1 + U2 @ S2).sum(0) / (2 * L)).t()

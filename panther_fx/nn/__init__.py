@@ -1,0 +1,1 @@
+"""Sketched ``nn`` modules whose forward calls ``torch.ops.panther`` ops (training, saving, export)."""

@@ -1,0 +1,12 @@
+"""``torch.ops.panther``: custom ops with pure-PyTorch fallbacks and optional native kernels."""
+
+from . import linear
+from ._extension import extension_loaded, kernel_info, load_extension
+from .linear import lowrank_linear, sketch_concat, sketched_linear
+
+load_extension()
+
+__all__ = [
+    "extension_loaded", "kernel_info", "linear", "load_extension", "lowrank_linear", "sketch_concat",
+    "sketched_linear",
+]

@@ -1,0 +1,62 @@
+"""Loading of the native extension ``panther_fx._C`` and a report of which kernels are active.
+
+The extension only adds ``TORCH_LIBRARY_IMPL(panther, CPU | CUDA, m)`` kernels to ops whose schema and
+pure-PyTorch fallback are defined in Python, so every op exists with or without it. ``PANTHER_NO_EXT=1``
+skips loading it (the fallback bodies then run everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["load_extension", "extension_loaded", "kernel_info"]
+
+_state = {"loaded": False, "error": None}
+
+
+def load_extension() -> bool:
+    """Import ``panther_fx._C`` once; return whether its kernels are registered."""
+    if _state["loaded"] or _state["error"] is not None:
+        return _state["loaded"]
+    if os.environ.get("PANTHER_NO_EXT") == "1":
+        _state["error"] = "disabled by PANTHER_NO_EXT=1"
+        return False
+    try:
+        from panther_fx import _C  # noqa: F401  (static initializers register the kernels)
+    except ImportError as e:
+        _state["error"] = str(e)
+        warnings.warn(f"panther_fx: native kernels unavailable ({e}); using the PyTorch reference ops. "
+                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+        return False
+    _state["loaded"] = True
+    return True
+
+
+def extension_loaded() -> bool:
+    return _state["loaded"]
+
+
+def _panther_ops() -> list[str]:
+    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("panther::")]
+    return sorted(names)
+
+
+def kernel_info() -> dict:
+    """Which ``torch.ops.panther`` ops have native CPU/CUDA kernels, plus torch, CUDA and device facts."""
+    ops = {}
+    for name in _panther_ops():
+        ops[name.split("::", 1)[1]] = {
+            key.lower(): torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("CPU", "CUDA")
+        }
+    cuda = torch.cuda.is_available()
+    return {
+        "extension": "loaded" if _state["loaded"] else f"not loaded ({_state['error']})",
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "ops": ops,
+    }

@@ -1,0 +1,50 @@
+"""Graph passes over Dynamo FX graphs: find linear / conv2d / attention nodes the policy selects and
+rewrite them into ``torch.ops.panther`` ops with factors stored as buffers on the GraphModule."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from ..policy import Policy
+from ..report import Report
+from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, module_path
+from .linear import LINEAR_TARGETS, LinearPlan, factorize_linear, plan_linear, rewrite_linear
+
+__all__ = [
+    "FactorCache", "LINEAR_TARGETS", "PASSES", "RewriteContext", "StaleFactorGuard", "TrainingRewriteError",
+    "LinearPlan", "factorize_linear", "inspect_model", "module_path", "plan_linear", "rewrite_graph",
+]
+
+PASSES: list[Callable[[RewriteContext], None]] = [rewrite_linear]
+
+
+def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) -> Report:
+    """Dry run over ``model``'s modules: the report the backend would print, without compiling."""
+    report = Report()
+    decisions = []
+    cache = FactorCache()
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            plan = plan_linear(path, module.weight, policy, cache, calibration=calibration)
+            decisions.append(plan.decision)
+            report.append(plan.report)
+    if policy.rules:
+        policy.warn_unused(decisions)
+    return report
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Policy, *,
+                  cache: FactorCache | None = None, allow_training: bool = False,
+                  calibration: Any = None) -> RewriteContext:
+    """Run every pass over ``gm`` in place; return the context holding the report and the stale-weight guard."""
+    ctx = RewriteContext(gm, example_inputs, policy, cache or FactorCache(), allow_training=allow_training,
+                         calibration=calibration)
+    for rewrite in PASSES:
+        rewrite(ctx)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return ctx

@@ -1,0 +1,159 @@
+"""What every graph pass needs: module paths of nodes, real values of placeholders, new constants on the
+GraphModule, cached factorizations and the shared rewrite context."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..policy import Decision, Policy
+from ..report import LayerReport, Report
+
+__all__ = ["module_path", "RewriteContext", "FactorCache", "StaleFactorGuard", "TrainingRewriteError"]
+
+_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that produced ``node``, relative to the compiled module.
+
+    Dynamo records ``L['self'].encoder.layer.0.attention`` (the root name varies: ``L['self']``,
+    ``L['fn']``, ``L['mod']``); the root is stripped and ``layer[0]`` normalised to ``layer.0``.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _INDEX.sub(r".\1", _ROOT.sub("", path))
+
+
+class TrainingRewriteError(RuntimeError):
+    """A matched weight requires grad while grad mode is on: baked factors would silently stop training."""
+
+
+class FactorCache:
+    """Factorizations keyed by (weight tensor, settings), valid while the weight's ``_version`` is unchanged,
+    so recompiles (dynamic shapes, train/eval flips) do not redo SVDs and a changed weight is refactored."""
+
+    def __init__(self) -> None:
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def get(self, weight: torch.Tensor, key: tuple, compute: Callable[[torch.Tensor], Any]) -> Any:
+        per_weight = self._entries.setdefault(weight, {})
+        hit = per_weight.get(key)
+        if hit is not None and hit[0] == weight._version:
+            return hit[1]
+        value = compute(weight)
+        per_weight[key] = (weight._version, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries = WeakIdKeyDictionary()
+
+
+@dataclass
+class _Watched:
+    path: str
+    weight: torch.Tensor
+    version: int
+    compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    buffers: dict[str, torch.Tensor]
+
+
+class StaleFactorGuard:
+    """Notices weights changed in place after compilation and refactors them into the same buffers.
+
+    Compiled graphs take the factor buffers by reference (as static inputs under CUDA graphs), so updating
+    them in place keeps the compiled code valid without a recompile.
+    """
+
+    def __init__(self) -> None:
+        self._watched: list[_Watched] = []
+
+    def watch(self, path: str, weight: torch.Tensor, compute, buffers: dict[str, torch.Tensor]) -> None:
+        self._watched.append(_Watched(path, weight, weight._version, compute, buffers))
+
+    def __bool__(self) -> bool:
+        return bool(self._watched)
+
+    def check(self) -> None:
+        for w in self._watched:
+            if w.weight._version == w.version:
+                continue
+            with torch.no_grad():
+                for name, value in w.compute(w.weight).items():
+                    w.buffers[name].copy_(value)
+            w.version = w.weight._version
+            warnings.warn(f"panther: the weight of {w.path!r} changed after compilation; its factors were "
+                          "recomputed. Training belongs in panther_fx.convert.", RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class RewriteContext:
+    """State shared by the passes over one Dynamo graph."""
+
+    gm: fx.GraphModule
+    example_inputs: Sequence[Any]
+    policy: Policy
+    cache: FactorCache
+    allow_training: bool = False
+    calibration: Any = None
+    report: Report = field(default_factory=Report)
+    decisions: list[Decision] = field(default_factory=list)
+    guard: StaleFactorGuard = field(default_factory=StaleFactorGuard)
+    _values: dict[fx.Node, Any] = field(default_factory=dict)
+    _counter: int = 0
+
+    def __post_init__(self) -> None:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self._values = dict(zip(placeholders, self.example_inputs))
+
+    def real_value(self, node: Any) -> torch.Tensor | None:
+        """The real tensor behind a placeholder (a parameter or buffer of the model), else None."""
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            value = self._values.get(node)
+            return value if isinstance(value, torch.Tensor) else None
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            value = getattr(self.gm, node.target, None)
+            return value if isinstance(value, torch.Tensor) else None
+        return None
+
+    def add_constant(self, hint: str, tensor: torch.Tensor) -> fx.Node:
+        """Register ``tensor`` as a buffer of the GraphModule and return a ``get_attr`` node for it.
+
+        aot_autograd asserts that every parameter or buffer of a Dynamo graph has an entry in
+        ``gm._param_name_to_source``; the entry also marks the buffer static for CUDA graphs.
+        """
+        name = f"_panther_{re.sub(r'[^0-9a-zA-Z_]', '_', hint)}_{self._counter}"
+        self._counter += 1
+        self.gm.register_buffer(name, tensor)
+        if hasattr(self.gm, "_param_name_to_source"):
+            from torch._dynamo.source import ConstantSource
+
+            self.gm._param_name_to_source[name] = ConstantSource(name)
+        return self.gm.graph.get_attr(name)
+
+    def check_trainable(self, path: str, weight: torch.Tensor) -> None:
+        """Refuse (or, with ``allow_training``, warn) to bake factors of a weight that is being trained."""
+        if not (weight.requires_grad and torch.is_grad_enabled()):
+            return
+        message = (f"panther: layer {path!r} matches the policy but its weight requires grad and grad mode "
+                   "is on. The backend bakes factors from frozen weights, so this layer would silently "
+                   "stop training.")
+        if not self.allow_training:
+            raise TrainingRewriteError(
+                message + " For inference call the model under torch.no_grad() / torch.inference_mode() "
+                "or use model.requires_grad_(False); to train sketched layers use panther_fx.convert(model, "
+                "policy); options={'allow_training': True} rewrites anyway with frozen factors.")
+        warnings.warn(message + " allow_training=True: its factors are frozen.", UserWarning, stacklevel=2)
+
+    def record(self, decision: Decision, entry: LayerReport) -> None:
+        self.decisions.append(decision)
+        self.report.append(entry)

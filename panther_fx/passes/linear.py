@@ -1,0 +1,122 @@
+"""Rewrite ``linear`` nodes whose module the policy selects into ``panther.lowrank_linear`` (svd, asvd) or
+``panther.sketched_linear`` (sketch), with factors computed once from the real weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..linalg import layer_generator, sketch_factors, sketch_weight, svd_factors
+from ..policy import Decision, Policy, factored_params
+from ..report import LayerReport
+from .common import FactorCache, RewriteContext, module_path
+
+__all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "relative_error", "rewrite_linear"]
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+
+
+def factorize_linear(weight: torch.Tensor, decision: Decision) -> dict[str, torch.Tensor]:
+    """Factors of an (O, I) weight for ``decision``: {A, B} for svd, {S1, S2, U1, U2} for sketch."""
+    generator = layer_generator(decision.seed, decision.path)
+    if decision.method == "svd":
+        A, B = svd_factors(weight, decision.rank, oversample=decision.oversample, n_iter=decision.n_iter,
+                           generator=generator)
+        return {"A": A, "B": B}
+    if decision.method == "sketch":
+        S1, S2, U1, U2 = sketch_factors(weight, decision.num_terms, decision.low_rank, generator=generator)
+        return {"S1": S1, "S2": S2, "U1": U1, "U2": U2}
+    raise ValueError(f"factorize_linear: no factorization for method {decision.method!r}")
+
+
+def dense_from_factors(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (O, I) weight that linear factors represent."""
+    if "A" in factors:
+        return factors["A"].float() @ factors["B"].float()
+    return sketch_weight(*(factors[k].float() for k in ("S1", "S2", "U1", "U2")))
+
+
+def relative_error(weight: torch.Tensor, factors: dict[str, torch.Tensor]) -> float:
+    W = weight.detach().float()
+    return (torch.linalg.matrix_norm(W - dense_from_factors(factors)) / torch.linalg.matrix_norm(W)).item()
+
+
+def _linear_args(node: fx.Node):
+    names = ("input", "weight", "bias")
+    args = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+    return args[0], args[1], args[2] if len(args) > 2 else None
+
+
+@dataclass
+class LinearPlan:
+    """What the policy makes of one linear weight: the decision, its factors (None when it stays dense)
+    and the report row. Shared by the graph pass, :func:`panther_fx.convert` and ``panther-fx inspect``."""
+
+    decision: Decision
+    factors: dict[str, torch.Tensor] | None
+    report: LayerReport
+    compute: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+
+def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCache, *,
+                calibration: Any = None) -> LinearPlan:
+    """Decide and factorize the (O, I) ``weight`` of the linear layer at ``path``."""
+    O, I = weight.shape
+    decision = policy.decide(path, "linear", in_features=I, out_features=O)
+    if decision.method == "asvd" and calibration is None:
+        decision = replace(decision, method="dense",
+                           reason="method 'asvd' needs calibration batches: options={'calibration': ...}")
+    if not decision.rewrites:
+        return LinearPlan(decision, None, LayerReport(path, "linear", "dense", (O, I), "dense",
+                                                      reason=decision.reason, params_before=O * I,
+                                                      params_after=O * I))
+    key = (decision.method, decision.rank, decision.num_terms, decision.low_rank, decision.oversample,
+           decision.n_iter, decision.seed, path)
+    compute = partial(factorize_linear, decision=decision)
+    factors = cache.get(weight, key, compute)
+    after = factored_params(decision.method, I, O, rank=decision.rank, num_terms=decision.num_terms,
+                            low_rank=decision.low_rank)
+    rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
+    row = LayerReport(path, "linear", decision.method, (O, I), "rewritten", rank=rank, params_before=O * I,
+                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors))
+    return LinearPlan(decision, factors, row, compute)
+
+
+def rewrite_linear(ctx: RewriteContext) -> None:
+    graph = ctx.gm.graph
+    factor_nodes: dict[int, dict[str, fx.Node]] = {}  # id(factors) -> get_attr nodes; tied weights share them
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        path = module_path(node)
+        x, w, b = _linear_args(node)
+        weight = ctx.real_value(w)
+        if weight is None or weight.dim() != 2:
+            ctx.report.append(LayerReport(path, "linear", "dense", (), "dense",
+                                          reason="weight is computed in the graph, not a parameter"))
+            continue
+        plan = plan_linear(path, weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
+        ctx.record(plan.decision, plan.report)
+        if plan.factors is None:
+            continue
+        ctx.check_trainable(path, weight)
+        factors = plan.factors
+        with graph.inserting_before(node):
+            if id(factors) not in factor_nodes:
+                factor_nodes[id(factors)] = {name: ctx.add_constant(f"{path}_{name}", t) for name, t in factors.items()}
+                ctx.guard.watch(path, weight, plan.compute, factors)
+            nodes = factor_nodes[id(factors)]
+            if plan.decision.method == "sketch":
+                op = torch.ops.panther.sketched_linear.default
+                new = graph.call_function(op, (x, nodes["S1"], nodes["S2"], nodes["U1"], nodes["U2"], b))
+            else:
+                op = torch.ops.panther.lowrank_linear.default
+                new = graph.call_function(op, (x, nodes["A"], nodes["B"], b))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)

@@ -1,0 +1,61 @@
+"""Per-layer reports of what a rewrite or a conversion did, printed as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tabulate import tabulate
+
+__all__ = ["LayerReport", "Report"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer: what it was, what it became and why.
+
+    ``flop_ratio`` is factored / dense multiply-adds per token (< 1 is cheaper); ``rel_error`` is
+    ‖W - Ŵ‖_F / ‖W‖_F of the factored weight Ŵ. ``status`` is ``"rewritten"`` or ``"dense"``.
+    """
+
+    path: str
+    op: str
+    method: str
+    shape: tuple[int, ...]
+    status: str
+    reason: str | None = None
+    rank: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flop_ratio: float | None = None
+    rel_error: float | None = None
+
+
+class Report(list):
+    """A list of :class:`LayerReport` with totals and a tabulated view."""
+
+    HEADERS = ("layer", "op", "method", "shape", "rank", "params before", "params after", "flops ×",
+               "rel. error", "status")
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [r for r in self if r.status == "rewritten"]
+
+    def params(self) -> tuple[int, int]:
+        """Weight parameters (bias excluded) of the reported layers before and after."""
+        return sum(r.params_before for r in self), sum(r.params_after for r in self)
+
+    def table(self, tablefmt: str = "simple") -> str:
+        rows = []
+        for r in self:
+            status = r.status if r.reason is None else f"{r.status}: {r.reason}"
+            rows.append((r.path or "<root>", r.op, r.method, "×".join(map(str, r.shape)),
+                         "" if r.rank is None else r.rank, r.params_before, r.params_after,
+                         "" if r.flop_ratio is None else f"{r.flop_ratio:.3f}",
+                         "" if r.rel_error is None else f"{r.rel_error:.4f}", status))
+        before, after = self.params()
+        summary = (f"{len(self.rewritten)} of {len(self)} layers rewritten; weight parameters "
+                   f"{before:,} -> {after:,}" + (f" ({after / before:.1%})" if before else ""))
+        return tabulate(rows, headers=self.HEADERS, tablefmt=tablefmt) + "\n" + summary
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the test suite (CUDA tests skip without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+python -m pytest -q "$@"
