@@ -42,15 +42,24 @@ def _(x, A, B, bias=None):
     return x.new_empty((*x.shape[:-1], A.shape[0]))
 
 
+def _bias_given(inputs: tuple, position: int) -> bool:
+    # The default-None bias may be left out of ``inputs`` when the op is traced (e.g. by aot_autograd).
+    return len(inputs) > position and inputs[position] is not None
+
+
+def _needs(ctx, count: int) -> tuple[bool, ...]:
+    return tuple(ctx.needs_input_grad) + (False,) * (count - len(ctx.needs_input_grad))
+
+
 def _lowrank_setup(ctx, inputs, output):
-    x, A, B, bias = inputs
+    x, A, B = inputs[:3]
     ctx.save_for_backward(x, A, B)
-    ctx.has_bias = bias is not None
+    ctx.has_bias = _bias_given(inputs, 3)
 
 
 def _lowrank_backward(ctx, gy):
     x, A, B = ctx.saved_tensors
-    need_x, need_A, need_B, need_bias = ctx.needs_input_grad
+    need_x, need_A, need_B, need_bias = _needs(ctx, 4)
     gy2 = gy.reshape(-1, gy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     gt = torch.mm(gy2, A)  # (N, r): gradient of the rank-r intermediate t = x Bᵀ
@@ -114,14 +123,13 @@ def _(x, S1, S2, U1, U2, bias=None):
 
 
 def _sketched_setup(ctx, inputs, output):
-    x, S1, S2, U1, U2, bias = inputs
-    ctx.save_for_backward(x, S1, S2, U1, U2)
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(*inputs[:5])
+    ctx.has_bias = _bias_given(inputs, 5)
 
 
 def _sketched_backward(ctx, gy):
     x, S1, S2, U1, U2 = ctx.saved_tensors
-    need_x, need_S1, need_S2, need_U1, need_U2, need_bias = ctx.needs_input_grad
+    need_x, need_S1, need_S2, need_U1, need_U2, need_bias = _needs(ctx, 6)
     L, I, k = S1.shape
     O = S2.shape[2]
     scale = 1.0 / (2 * L)
