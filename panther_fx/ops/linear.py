@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_linear", "sketched_linear", "sketch_concat"]
+__all__ = ["lowrank_linear", "lowrank_linear_backward", "sketched_linear", "sketched_linear_backward",
+           "sketch_concat"]
 
 
 def _check_lowrank(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor]) -> None:
@@ -57,17 +58,37 @@ def _lowrank_setup(ctx, inputs, output):
     ctx.has_bias = _bias_given(inputs, 3)
 
 
-def _lowrank_backward(ctx, gy):
-    x, A, B = ctx.saved_tensors
-    need_x, need_A, need_B, need_bias = _needs(ctx, 4)
+@torch.library.custom_op("panther::lowrank_linear_backward", mutates_args=(),
+                         schema="(Tensor gy, Tensor x, Tensor A, Tensor B, bool[4] needs) "
+                                "-> (Tensor?, Tensor?, Tensor?, Tensor?)")
+def lowrank_linear_backward(gy, x, A, B, needs):
+    """Gradients of :func:`lowrank_linear` w.r.t. (x, A, B, bias); entry i is None unless ``needs[i]``.
+
+    With t = x Bᵀ (N, r) and gt = gy A (N, r): gx = gt B, gA = gyᵀ t, gB = gtᵀ x, gbias = Σ_rows gy.
+    """
+    need_x, need_A, need_B, need_bias = needs
     gy2 = gy.reshape(-1, gy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     gt = torch.mm(gy2, A)  # (N, r): gradient of the rank-r intermediate t = x Bᵀ
     gx = torch.mm(gt, B).reshape(x.shape) if need_x else None
     gA = torch.mm(gy2.t(), torch.mm(x2, B.t())) if need_A else None
     gB = torch.mm(gt.t(), x2) if need_B else None
-    gbias = gy2.sum(0) if ctx.has_bias and need_bias else None
+    gbias = gy2.sum(0) if need_bias else None
     return gx, gA, gB, gbias
+
+
+@lowrank_linear_backward.register_fake
+def _(gy, x, A, B, needs):
+    shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
+    return tuple(x.new_empty(shape) if need else None for need, shape in zip(needs, shapes))
+
+
+def _lowrank_backward(ctx, gy):
+    x, A, B = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)  # 3 when bias was omitted from the call
+    needs = [*ctx.needs_input_grad, False][:4]
+    needs[3] = ctx.has_bias and needs[3]
+    return torch.ops.panther.lowrank_linear_backward(gy, x, A, B, needs)[:n_inputs]
 
 
 lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
@@ -127,9 +148,16 @@ def _sketched_setup(ctx, inputs, output):
     ctx.has_bias = _bias_given(inputs, 5)
 
 
-def _sketched_backward(ctx, gy):
-    x, S1, S2, U1, U2 = ctx.saved_tensors
-    need_x, need_S1, need_S2, need_U1, need_U2, need_bias = _needs(ctx, 6)
+@torch.library.custom_op("panther::sketched_linear_backward", mutates_args=(),
+                         schema="(Tensor gy, Tensor x, Tensor S1, Tensor S2, Tensor U1, Tensor U2, bool[6] needs) "
+                                "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)")
+def sketched_linear_backward(gy, x, S1, S2, U1, U2, needs):
+    """Gradients of :func:`sketched_linear` w.r.t. (x, S1, S2, U1, U2, bias); entry i is None unless ``needs[i]``.
+
+    With left, right from :func:`sketch_concat`, s = 1/(2L), t = x left and gt = s gy rightᵀ (N, 2Lk):
+    gx = gt leftᵀ, g(left) = xᵀ gt, g(right) = s tᵀ gy, gbias = Σ_rows gy.
+    """
+    need_x, need_S1, need_S2, need_U1, need_U2, need_bias = needs
     L, I, k = S1.shape
     O = S2.shape[2]
     scale = 1.0 / (2 * L)
@@ -147,8 +175,22 @@ def _sketched_backward(ctx, gy):
         gright = torch.mm(torch.mm(x2, left).t(), gy2).mul_(scale).reshape(L, 2 * k, O)
         gU1 = gright[:, :k].contiguous() if need_U1 else None
         gS2 = gright[:, k:].contiguous() if need_S2 else None
-    gbias = gy2.sum(0) if ctx.has_bias and need_bias else None
+    gbias = gy2.sum(0) if need_bias else None
     return gx, gS1, gS2, gU1, gU2, gbias
+
+
+@sketched_linear_backward.register_fake
+def _(gy, x, S1, S2, U1, U2, needs):
+    shapes = (x.shape, S1.shape, S2.shape, U1.shape, U2.shape, (S2.shape[2],))
+    return tuple(x.new_empty(shape) if need else None for need, shape in zip(needs, shapes))
+
+
+def _sketched_backward(ctx, gy):
+    x, S1, S2, U1, U2 = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)  # 5 when bias was omitted from the call
+    needs = [*ctx.needs_input_grad, False][:6]
+    needs[5] = ctx.has_bias and needs[5]
+    return torch.ops.panther.sketched_linear_backward(gy, x, S1, S2, U1, U2, needs)[:n_inputs]
 
 
 sketched_linear.register_autograd(_sketched_backward, setup_context=_sketched_setup)
