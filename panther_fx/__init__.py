@@ -8,6 +8,8 @@ Importing this package registers the ``torch.ops.panther`` ops; the backend itse
 
 from . import linalg, ops
 from .backend import compile, last_report, panther_backend
+from .convert import convert, load, save
+from .distill import distill
 from .ops import kernel_info
 from .policy import Decision, Policy, PolicyError, load_policy
 from .report import LayerReport, Report
@@ -17,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Decision", "LayerReport", "Policy", "PolicyError", "Report", "compile", "kernel_info", "last_report",
     "linalg", "load_policy", "ops", "panther_backend",
+    "convert", "distill", "load", "save",
 ]

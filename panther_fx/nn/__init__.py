@@ -1,1 +1,3 @@
 """Sketched ``nn`` modules whose forward calls ``torch.ops.panther`` ops (training, saving, export)."""
+
+from .linear import LowRankLinear, SKLinear

@@ -1,0 +1,210 @@
+"""Eager module swap: replace the layers a policy selects by trainable panther modules.
+
+The decisions, factorizations and report rows come from the same code as the ``panther`` backend
+(:func:`panther_fx.passes.plan_linear`); only the destination differs (``nn.Parameter`` factors in modules
+instead of constants in a graph). Module types are dispatched through :data:`CONVERTERS`, a dict from an
+exact module type to a converter function, so other layer kinds are added with one entry each.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, overload
+
+import torch
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from ..nn.linear import LowRankLinear, SKLinear
+from ..passes import FactorCache, plan_linear
+from ..policy import Decision, Policy, PolicyError, load_policy
+from ..report import LayerReport, Report
+
+__all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "convert"]
+
+POLICY_ATTR = "panther_policy"
+"""Attribute of the root module where :func:`convert` leaves the policy it applied (read by ``save``)."""
+
+
+class ConversionError(PolicyError):
+    """A policy rule names a module that cannot be converted. The message names the layer and the rule."""
+
+
+@dataclass
+class Converted:
+    """A converter's answer: the replacement module (None keeps the original), its decision and report row."""
+
+    module: nn.Module | None
+    decision: Decision | None = None
+    report: LayerReport | None = None
+
+
+@dataclass
+class ConvertContext:
+    """What converters share: the policy, a factor cache, calibration batches and tied-parameter owners."""
+
+    policy: Policy
+    calibration: Any = None
+    cache: FactorCache = field(default_factory=FactorCache)
+    owners: dict[int, list[str]] = field(default_factory=dict)  # id(parameter) -> ["module.path.name", ...]
+
+    def rule_error(self, decision: Decision, module: nn.Module, why: str) -> ConversionError:
+        rule = self.policy.rules[decision.rule_index - 1]
+        return ConversionError(f"{self.policy.source}: rule {rule.index} (match = {rule.match!r}) selects "
+                               f"{decision.path!r} ({type(module).__name__}) for method {decision.method!r}, "
+                               f"but it cannot be converted: {why}")
+
+
+Converter = Callable[[ConvertContext, str, nn.Module], Converted]
+
+
+def _named_by_rule(decision: Decision) -> bool:
+    return decision.rule_index is not None and decision.method != "dense"
+
+
+def _tied_elsewhere(ctx: ConvertContext, path: str, module: nn.Module) -> list[str]:
+    """Other places (outside ``module``) that hold ``module.weight``: converting would untie them."""
+    own = f"{path}.weight" if path else "weight"
+    return [p for p in ctx.owners.get(id(module.weight), []) if p != own]
+
+
+def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """nn.Linear -> :class:`LowRankLinear` (svd, asvd) or :class:`SKLinear` (sketch) per the policy."""
+    plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
+    decision = plan.decision
+    if decision.rule_index is not None and ctx.calibration is None:
+        rule = ctx.policy.rules[decision.rule_index - 1]
+        if rule.settings.get("method", ctx.policy.defaults.get("method")) == "asvd":
+            raise ctx.rule_error(decision, module, "method 'asvd' needs calibration batches: convert(..., calibration=...)")
+    if plan.factors is None:
+        return Converted(None, decision, plan.report)
+    tied = _tied_elsewhere(ctx, path, module)
+    if tied:
+        why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
+        if _named_by_rule(decision) and decision.origin != "defaults":
+            raise ctx.rule_error(decision, module, why)
+        return Converted(None, decision, _dense_row(plan.report, why))
+    bias = None if module.bias is None else module.bias.detach()
+    if decision.method == "sketch":
+        f = plan.factors
+        new = SKLinear.from_factors(f["S1"], f["S2"], f["U1"], f["U2"], bias)
+        factor_params = (new.S1s, new.S2s)
+    else:
+        new = LowRankLinear.from_factors(plan.factors["A"], plan.factors["B"], bias)
+        factor_params = (new.A, new.B)
+    for p in factor_params:  # frozen layers stay frozen
+        p.requires_grad_(module.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return Converted(new.train(module.training), decision, plan.report)
+
+
+def _dense_row(row: LayerReport, reason: str) -> LayerReport:
+    n = row.params_before
+    return LayerReport(row.path, row.op, "dense", row.shape, "dense", reason=reason, params_before=n, params_after=n)
+
+
+def refuse_mha_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """``nn.MultiheadAttention.out_proj``: MHA reads its weight directly, so it cannot be swapped alone."""
+    plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
+    why = "it is nn.MultiheadAttention's out_proj, whose weight MHA reads directly (use op = 'attention')"
+    if _named_by_rule(plan.decision):
+        raise ctx.rule_error(plan.decision, module, why)
+    if plan.factors is None:
+        return Converted(None, plan.decision, plan.report)
+    return Converted(None, plan.decision, _dense_row(plan.report, why))
+
+
+CONVERTERS: dict[type[nn.Module], Converter] = {
+    nn.Linear: convert_linear,
+    NonDynamicallyQuantizableLinear: refuse_mha_linear,
+}
+"""Exact module type -> converter. Subclasses are not converted implicitly: their ``forward`` may differ."""
+
+
+def _explicit_rule(policy: Policy, path: str):
+    """The first rule with an explicit ``op`` that selects ``path`` for a non-dense method, unless an earlier
+    op-less ``dense`` rule protects it. Such a module must be convertible or :func:`convert` refuses."""
+    for rule in policy.rules:
+        if not rule.matches(path):
+            continue
+        method = rule.settings.get("method", policy.defaults.get("method"))
+        if rule.op is None:
+            if method == "dense":
+                return None
+            continue
+        return None if method == "dense" else rule
+    return None
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
+    return owners
+
+
+def _walk(ctx: ConvertContext, parent: nn.Module, prefix: str, done: dict[int, nn.Module | None],
+          report: Report, decisions: list[Decision]) -> None:
+    for name, child in list(parent.named_children()):
+        if child is None:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        if id(child) in done:  # a module reachable at two paths is converted once and stays shared
+            if done[id(child)] is not None:
+                setattr(parent, name, done[id(child)])
+            continue
+        converter = CONVERTERS.get(type(child))
+        result = converter(ctx, path, child) if converter is not None else Converted(None)
+        if converter is None and result.module is None:
+            rule = _explicit_rule(ctx.policy, path)
+            if rule is not None:
+                supported = ", ".join(sorted(t.__name__ for t in CONVERTERS))
+                raise ConversionError(f"{ctx.policy.source}: rule {rule.index} (match = {rule.match!r}, op = "
+                                      f"{rule.op!r}) selects {path!r} ({type(child).__name__}), which convert "
+                                      f"cannot turn into a panther module (it converts: {supported})")
+        done[id(child)] = result.module
+        if result.decision is not None:
+            decisions.append(result.decision)
+        if result.report is not None:
+            report.append(result.report)
+        if result.module is not None:
+            setattr(parent, name, result.module)
+        else:
+            _walk(ctx, child, path, done, report, decisions)
+
+
+@overload
+def convert(model: nn.Module, policy: Any, *, calibration: Any = ..., inplace: Literal[True] = ...) -> Report: ...
+@overload
+def convert(model: nn.Module, policy: Any, *, calibration: Any = ...,
+            inplace: Literal[False]) -> tuple[nn.Module, Report]: ...
+
+
+def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
+            inplace: bool = True) -> Report | tuple[nn.Module, Report]:
+    """Swap the layers ``policy`` selects for panther modules whose factors are ``nn.Parameter``s.
+
+    ``policy``: TOML path, dict or :class:`~panther_fx.Policy` (the same as the backend's ``policy``
+    option); ``calibration``: batches for activation-aware methods (``asvd``), as for the backend.
+    Returns the per-layer :class:`~panther_fx.Report`; with ``inplace=False`` the model is deep-copied first
+    and ``(converted_copy, report)`` is returned, the original left untouched. The policy is remembered on the
+    root module (``model.panther_policy``) for :func:`panther_fx.save`.
+
+    Raises :class:`ConversionError` (a ``PolicyError``) when a rule names a module it cannot convert.
+    """
+    if type(model) in CONVERTERS:
+        raise ValueError(f"convert swaps submodules in place; wrap the bare {type(model).__name__} in a container "
+                         "(e.g. nn.Sequential) or build the panther module with its from_dense")
+    policy = load_policy(policy)
+    target = model if inplace else copy.deepcopy(model)
+    ctx = ConvertContext(policy, calibration=calibration, owners=_parameter_owners(target))
+    report, decisions = Report(), []
+    with torch.no_grad():
+        _walk(ctx, target, "", {}, report, decisions)
+    if policy.rules:
+        policy.warn_unused(decisions)
+    setattr(target, POLICY_ATTR, policy)
+    return report if inplace else (target, report)

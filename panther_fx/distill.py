@@ -1,0 +1,108 @@
+"""Fine-tune recipe: recover a compressed model's quality by distilling from the dense one.
+
+The student (a model after :func:`panther_fx.convert`) learns to reproduce the teacher's hidden states or
+sentence embeddings on unlabeled inputs; only its trainable parameters (the panther factors and whatever
+else requires grad) are updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["distill", "hidden_states"]
+
+Batch = Mapping[str, Tensor] | Tensor | tuple
+
+
+def hidden_states(output: Any) -> Tensor:
+    """The (batch, tokens, d) hidden states of a model output: ``.last_hidden_state`` (HF), else the tensor
+    itself, else the first element of a tuple."""
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"distill: cannot find hidden states in a {type(output).__name__}; pass features=")
+
+
+def _call(model: nn.Module, batch: Batch) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _mask(batch: Batch, h: Tensor) -> Tensor:
+    """(batch, tokens, 1) weights: the attention mask when the batch has one, else all ones."""
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        return batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return h.new_ones(*h.shape[:-1], 1)
+
+
+def _loss(kind: str, hs: Tensor, ht: Tensor, mask: Tensor) -> Tensor:
+    if kind == "mse":  # mean squared error per feature over the real (unmasked) tokens
+        return ((hs - ht) ** 2 * mask).sum() / (mask.sum() * hs.shape[-1]).clamp_min(1)
+    pooled_s = (hs * mask).sum(-2) / mask.sum(-2).clamp_min(1)
+    pooled_t = (ht * mask).sum(-2) / mask.sum(-2).clamp_min(1)
+    return (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *, epochs: int = 1,
+            lr: float = 1e-4, loss: str = "mse", optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+            features: Callable[[Any], Tensor] = hidden_states, max_grad_norm: float | None = 1.0,
+            dropout: bool = False, progress: bool = True) -> list[float]:
+    """Train ``student`` to match ``teacher`` on ``batches``; return the mean loss of each epoch.
+
+    - ``batches``: re-iterable (a list) of model inputs: dicts of keyword tensors (tokenizer outputs), tensors
+      or tuples of positional tensors. A dict's ``attention_mask`` masks padding out of the loss.
+    - ``loss``: ``"mse"`` between the (batch, tokens, d) hidden states over real tokens, or ``"cosine"``:
+      1 − cos between mean-pooled sentence embeddings.
+    - ``optimizer``: a factory ``(params, lr=lr) -> Optimizer`` over the student's trainable parameters
+      (default ``torch.optim.AdamW``); ``max_grad_norm`` clips the gradient norm (None: no clipping).
+    - ``dropout``: train with the student's dropout on (``student.train()``); off by default, since the target is
+      deterministic. The teacher runs in eval mode under ``torch.no_grad()``. Both modes are restored after.
+    """
+    from tqdm.auto import tqdm
+
+    if loss not in ("mse", "cosine"):
+        raise ValueError(f"distill: loss must be 'mse' or 'cosine', got {loss!r}")
+    if epochs < 1:
+        raise ValueError(f"distill: epochs must be >= 1, got {epochs}")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("distill: the student has no parameter that requires grad")
+    opt = (optimizer or torch.optim.AdamW)(params, lr=lr)
+    modes = (student.training, teacher.training)
+    student.train(dropout)
+    teacher.eval()
+    history: list[float] = []
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            bar = tqdm(batches, desc=f"distill {epoch + 1}/{epochs}", disable=not progress, leave=True)
+            for batch in bar:
+                with torch.no_grad():
+                    target = features(_call(teacher, batch))
+                hs = features(_call(student, batch))
+                value = _loss(loss, hs, target.to(hs.dtype), _mask(batch, hs))
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                total, count = total + value.item(), count + 1
+                bar.set_postfix(loss=f"{value.item():.4g}")
+            if count == 0:
+                raise ValueError("distill: batches is empty (or an exhausted iterator: pass a list for epochs > 1)")
+            history.append(total / count)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return history
