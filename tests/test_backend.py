@@ -1,0 +1,278 @@
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import panther_fx
+from panther_fx.backend import last_report, panther_backend
+from panther_fx.linalg import layer_generator, sketch_factors, svd_factors
+from panther_fx.linalg.lowrank import EXACT_SVD_MAX_DIM
+
+LOWRANK = "torch.ops.panther.lowrank_linear.default("  # the call, not the size asserts
+SKETCHED = "torch.ops.panther.sketched_linear.default("
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc3 = nn.Linear(256, 32)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+class Counting:
+    """A backend that counts Dynamo frames handed to the panther backend."""
+
+    def __init__(self, **options):
+        self.frames = 0
+        self.options = options
+
+    def __call__(self, gm, example_inputs):
+        self.frames += 1
+        return panther_backend(gm, example_inputs, options=self.options)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+POLICY = {"defaults": {"method": "svd", "rank": 16}, "rule": [{"match": "fc3", "method": "dense"}]}
+
+
+# ---- graph properties --------------------------------------------------------------------------------
+def test_mlp_fullgraph_no_graph_breaks_no_recompile():
+    model, backend = make_mlp(), Counting(policy=POLICY)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        compiled(x)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(torch.randn(8, 64))
+    assert backend.frames == 1
+    assert sum(counters["graph_break"].values()) == 0
+    assert [r.path for r in last_report().rewritten] == ["fc1", "fc2"]
+
+
+def test_dynamic_batch_compiles_at_most_twice():
+    backend = Counting(policy=POLICY)
+    compiled = torch.compile(make_mlp(), backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 5, 9, 33):
+            assert compiled(torch.randn(batch, 64)).shape == (batch, 32)
+    assert backend.frames <= 2
+
+
+def test_recompiles_reuse_cached_factors(monkeypatch):
+    import panther_fx.passes.linear as linear_pass
+
+    calls = []
+    original = linear_pass.factorize_linear
+    monkeypatch.setattr(linear_pass, "factorize_linear", lambda W, decision: calls.append(decision.path) or original(W, decision))
+    backend = Counting(policy=POLICY)
+    compiled = torch.compile(make_mlp(), backend=backend, fullgraph=True)  # automatic dynamic: 2 frames
+    with torch.no_grad():
+        for batch in (2, 3, 4):
+            compiled(torch.randn(batch, 64))
+    assert backend.frames == 2
+    assert sorted(calls) == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("policy, lowrank, sketched", [
+    (POLICY, 2, 0),
+    ({"rule": [{"match": "fc2", "method": "sketch", "num_terms": 1, "low_rank": 8}]}, 0, 1),
+    ({"defaults": {"method": "dense"}}, 0, 0),
+    ({"rule": [{"match": "fc*", "rank": 8}, {"match": "fc2", "method": "dense"}]}, 3, 0),
+])
+def test_generated_code_has_panther_ops_exactly_for_selected_layers(policy, lowrank, sketched):
+    compiled = torch.compile(make_mlp(), backend=Counting(policy=policy), fullgraph=True)
+    with torch.no_grad():
+        _, code = run_and_get_code(compiled, torch.randn(4, 64))
+    code = "\n".join(code)
+    FileCheck().check_count(LOWRANK, lowrank, exactly=True).run(code)
+    FileCheck().check_count(SKETCHED, sketched, exactly=True).run(code)
+
+
+# ---- numerics ----------------------------------------------------------------------------------------
+def test_full_rank_svd_reproduces_dense():
+    model = make_mlp()
+    policy = {"defaults": {"method": "svd", "force": True}, "rule": [
+        {"match": "fc1", "rank": 64}, {"match": "fc2", "rank": 256}, {"match": "fc3", "rank": 32}]}
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        y = torch.compile(model, backend=Counting(policy=policy), fullgraph=True)(x)
+        assert len(last_report().rewritten) == 3
+        assert rel(y, model(x)) < 1e-5
+
+
+def truncated(model, paths, rank):
+    """The model with the named layers replaced by their optimal rank-r truncation (float64 SVD)."""
+    model = copy.deepcopy(model)
+    for path in paths:
+        layer = model.get_submodule(path)
+        U, S, Vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+        layer.weight.data = (U[:, :rank] * S[:rank] @ Vh[:rank]).float()
+    return model
+
+
+def test_rank_r_matches_optimal_truncation():
+    model = make_mlp()
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        y = torch.compile(model, backend=Counting(policy=POLICY), fullgraph=True)(x)
+        optimal = truncated(model, ["fc1", "fc2"], 16)(x)
+        assert rel(y, optimal) <= 0.05 * rel(optimal, model(x))
+
+
+@pytest.mark.parametrize("decay", ["fast", "slow"])
+def test_randomized_svd_path_is_near_optimal(decay):
+    m, n, rank = EXACT_SVD_MAX_DIM + 176, EXACT_SVD_MAX_DIM + 76, 32
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    S = 0.9 ** i if decay == "fast" else i ** -0.5
+    W = (U * S @ V.T).float()
+    A, B = svd_factors(W, rank, generator=torch.Generator().manual_seed(1))
+    error = (W.double() - A.double() @ B.double()).norm()
+    optimal = S[rank:].norm()
+    assert error <= 1.05 * optimal
+
+
+def test_sketch_matches_float64_reference_with_same_signs():
+    model = make_mlp()
+    policy = {"rule": [{"match": "fc2", "method": "sketch", "num_terms": 2, "low_rank": 8, "seed": 5}]}
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        y = torch.compile(model, backend=Counting(policy=policy), fullgraph=True)(x)
+        S1, S2, U1, U2 = sketch_factors(model.fc2.weight.double(), 2, 8, generator=layer_generator(5, "fc2"))
+        xd = x.double()
+        h = torch.relu(xd @ model.fc1.weight.double().T + model.fc1.bias.double())
+        h = sum(h @ S1[i] @ U1[i] + h @ U2[i] @ S2[i] for i in range(2)) / 4 + model.fc2.bias.double()
+        ref = torch.relu(h) @ model.fc3.weight.double().T + model.fc3.bias.double()
+    assert rel(y, ref) < 1e-5
+
+
+def small_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=256, max_position_embeddings=64,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+BERT_POLICY = {"defaults": {"rank": 8}, "rule": [
+    {"match": "encoder.layer.*.intermediate.dense"}, {"match": "encoder.layer.*.output.dense"}]}
+
+
+def bert_inputs(batch=2, length=16):
+    ids = torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(batch))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return ids, mask
+
+
+def test_bert_fullgraph_and_inductor_matches_eager_rewritten_graph():
+    model = small_bert()
+    ids, mask = bert_inputs()
+    backend = Counting(policy=BERT_POLICY)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        y = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(input_ids=ids, attention_mask=mask)
+        assert backend.frames == 1 and sum(counters["graph_break"].values()) == 0
+        assert sorted(r.path for r in last_report().rewritten) == [
+            "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense",
+            "encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense"]
+        torch._dynamo.reset()
+        eager = torch.compile(model, backend=Counting(policy=BERT_POLICY, use_inductor=False), fullgraph=True)
+        y_eager = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+
+
+# ---- training guard, staleness, options ---------------------------------------------------------------
+def test_refuses_to_bake_trainable_weights():
+    compiled = torch.compile(make_mlp(), backend=Counting(policy=POLICY))
+    with pytest.raises(Exception, match=r"layer 'fc1'.*requires grad.*panther_fx\.convert"):
+        compiled(torch.randn(2, 64))
+
+
+def test_allow_training_warns_and_freezes():
+    model = make_mlp()
+    compiled = torch.compile(model, backend=Counting(policy=POLICY, allow_training=True))
+    with pytest.warns(UserWarning, match="factors are frozen"):
+        compiled(torch.randn(2, 64)).sum().backward()
+    assert model.fc1.weight.grad is None and model.fc3.weight.grad is not None
+
+
+def test_weight_changed_in_place_is_refactored():
+    model = make_mlp()
+    compiled = torch.compile(model, backend=Counting(policy=POLICY), fullgraph=True)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        compiled(x)
+        model.fc2.weight.mul_(-0.5)
+        with pytest.warns(RuntimeWarning, match="weight of 'fc2' changed after compilation"):
+            y = compiled(x)
+        optimal = truncated(model, ["fc1", "fc2"], 16)(x)
+    assert rel(y, optimal) < 1e-4
+
+
+def test_unknown_option_is_rejected():
+    compiled = torch.compile(make_mlp(), backend="panther", options={"policy": POLICY, "polcy": 1})
+    with pytest.raises(Exception, match="unknown option.*'polcy'"):
+        with torch.no_grad():
+            compiled(torch.randn(2, 64))
+
+
+def test_inductor_options_pass_through_and_mode_in_options():
+    compiled = torch.compile(make_mlp(), backend="panther",
+                             options={"policy": POLICY, "mode": "default", "epilogue_fusion": False})
+    with torch.no_grad():
+        compiled(torch.randn(2, 64))
+    assert len(last_report().rewritten) == 2
+
+
+def test_verbose_prints_report(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[defaults]\nmethod = "svd"\nrank = 16\n[[rule]]\nmatch = "fc3"\nmethod = "dense"\n'
+                    '[[rule]]\nmatch = "decoder.**"\n')
+    monkeypatch.setenv("PANTHER_VERBOSE", "1")
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"p\.toml: rule 2 \(match = 'decoder\.\*\*'\) matched no layer"):
+        panther_fx.compile(make_mlp(), str(path), fullgraph=True)(torch.randn(2, 64))
+    out = capsys.readouterr().out
+    assert f"policy {path}" in out and "2 of 3 layers rewritten" in out
+    assert "dense: rule 1: method = 'dense'" in out
+
+
+def test_backend_found_through_entry_point_without_import(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        before = "panther_fx" in sys.modules
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+        compiled = torch.compile(model, backend="panther",
+                                 options={"policy": {"defaults": {"method": "svd", "rank": 4}}})
+        with torch.no_grad():
+            compiled(torch.randn(3, 32))
+        import panther_fx
+        print(before, [r.path for r in panther_fx.last_report().rewritten])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False ['0', '2']"
