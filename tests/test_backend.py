@@ -276,3 +276,14 @@ def test_backend_found_through_entry_point_without_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False ['0', '2']"
+
+
+def test_autocast_region_compiles_like_dense():
+    model = make_mlp()
+    compiled = torch.compile(model, backend=Counting(policy=POLICY), fullgraph=True)
+    x = torch.randn(4, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+        assert y.dtype == model(x).dtype == torch.bfloat16
+        optimal = truncated(model, ["fc1", "fc2"], 16)(x)
+    assert rel(y, optimal) < 2e-2  # bf16 rounding

@@ -118,3 +118,13 @@ def test_sketch_factors_are_unbiased_and_seeded():
     g = torch.Generator().manual_seed(3)
     mean = sum(sketch_weight(*sketch_factors(W, 1, 4, generator=g)) for _ in range(2000)) / 2000
     assert ((mean - W).norm() / W.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_the_current_autocast_dtype(dtype):
+    x, A, B, b = lowrank_inputs()
+    with torch.autocast("cpu", dtype=dtype):
+        assert panther.lowrank_linear(x, A, B, b).dtype == dtype
+        assert panther.sketched_linear(*sketched_inputs()).dtype == dtype
+        assert torch.nn.functional.linear(x, A @ B, b).dtype == dtype  # the ATen op they replace
+    assert panther.lowrank_linear(x, A, B, b).dtype == torch.float32

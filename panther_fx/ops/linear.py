@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_to_lower_precision
+
 __all__ = ["lowrank_linear", "lowrank_linear_backward", "sketched_linear", "sketched_linear_backward",
            "sketch_concat"]
 
@@ -92,6 +94,7 @@ def _lowrank_backward(ctx, gy):
 
 
 lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+autocast_to_lower_precision("panther::lowrank_linear")
 
 
 def _check_sketched(x, S1, S2, U1, U2, bias) -> None:
@@ -194,3 +197,4 @@ def _sketched_backward(ctx, gy):
 
 
 sketched_linear.register_autograd(_sketched_backward, setup_context=_sketched_setup)
+autocast_to_lower_precision("panther::sketched_linear")
