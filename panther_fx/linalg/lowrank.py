@@ -12,10 +12,14 @@ from torch import Tensor
 from ._random import random_signs
 from .rsvd import rsvd
 
-__all__ = ["svd_factors", "sketch_factors", "sketch_weight", "EXACT_SVD_MAX_DIM"]
+__all__ = ["svd_factors", "asvd_factors", "whitening", "sketch_factors", "sketch_weight", "EXACT_SVD_MAX_DIM",
+           "ASVD_DAMPING"]
 
 EXACT_SVD_MAX_DIM = 1024
 """Matrices whose smaller side is at most this use the exact SVD: it is fast there and optimal."""
+
+ASVD_DAMPING = 1e-4
+"""Default damping of :func:`asvd_factors`, relative to the mean diagonal of XᵀX."""
 
 
 def _work_dtype(W: Tensor) -> torch.dtype:
@@ -41,6 +45,46 @@ def svd_factors(W: Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2,
     A = (U * root).to(W.dtype).contiguous()
     B = (root[:, None] * Vh).to(W.dtype).contiguous()
     return A, B
+
+
+@torch.no_grad()
+def whitening(gram: Tensor, *, damping: float = ASVD_DAMPING) -> Tensor:
+    """Lower-triangular S (I, I) with S Sᵀ = XᵀX + λI, λ = ``damping`` · mean(diag(XᵀX)), in float64.
+
+    For any M (O, I): ‖M Xᵀ‖_F² = tr(M XᵀX Mᵀ) ≈ ‖M S‖_F², so errors measured through S are errors on the
+    calibration inputs. The damping keeps S invertible when some input directions were never seen.
+    """
+    G = gram.detach().to(torch.float64)
+    G = (G + G.T) / 2
+    lam = damping * G.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    S, info = torch.linalg.cholesky_ex(G + lam * eye)
+    if info.item() != 0:
+        raise ValueError(f"whitening: XᵀX + λI is not positive definite (λ = {lam.item():.3g}); "
+                         "increase the damping")
+    return S
+
+
+@torch.no_grad()
+def asvd_factors(W: Tensor, gram: Tensor, rank: int, *,
+                 damping: float = ASVD_DAMPING) -> tuple[Tensor, Tensor]:
+    """Activation-aware W (O, I) ≈ A @ B, A (O, r), B (r, I), optimal on the calibration inputs.
+
+    ``gram`` is XᵀX (I, I) of the layer's inputs X (tokens, I). With S = :func:`whitening` (gram),
+    W S = U Σ Vᵀ and the rank-r truncation: A = U √Σ, B = √Σ Vᵀ S⁻¹. Then (W - AB) S is the optimal rank-r
+    error of W S, i.e. ‖(W - AB) Xᵀ‖_F is minimal over rank-r AB (up to the damping). Computed in float64
+    (the triangular solve amplifies rounding), returned in W's dtype.
+    """
+    O, I = W.shape
+    if gram.shape != (I, I):
+        raise ValueError(f"asvd_factors: gram is {tuple(gram.shape)}, expected ({I}, {I}) for a weight {(O, I)}")
+    S = whitening(gram.to(W.device), damping=damping)
+    U, sigma, Vh = torch.linalg.svd(W.detach().to(torch.float64) @ S, full_matrices=False)
+    root = sigma[:rank].sqrt()
+    A = U[:, :rank] * root
+    # B = √Σ Vᵀ S⁻¹, i.e. B S = √Σ Vᵀ: a triangular solve from the right, no explicit inverse.
+    B = torch.linalg.solve_triangular(S, root[:, None] * Vh[:rank], upper=False, left=False)
+    return A.to(W.dtype).contiguous(), B.to(W.dtype).contiguous()
 
 
 @torch.no_grad()

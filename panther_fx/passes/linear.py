@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..linalg import layer_generator, sketch_factors, sketch_weight, svd_factors
+from ..linalg import asvd_factors, layer_generator, sketch_factors, sketch_weight, svd_factors, whitening
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
 from .common import FactorCache, RewriteContext, module_path
@@ -21,8 +21,14 @@ __all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "r
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
 
-def factorize_linear(weight: torch.Tensor, decision: Decision) -> dict[str, torch.Tensor]:
-    """Factors of an (O, I) weight for ``decision``: {A, B} for svd, {S1, S2, U1, U2} for sketch."""
+def factorize_linear(weight: torch.Tensor, decision: Decision, gram: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Factors of an (O, I) weight for ``decision``: {A, B} for svd and asvd (which needs the layer's input
+    Gram matrix XᵀX (I, I), see :func:`panther_fx.calibration.calibrate`), {S1, S2, U1, U2} for sketch."""
+    if decision.method == "asvd":
+        if gram is None:
+            raise ValueError(f"factorize_linear: method 'asvd' for {decision.path!r} needs its input Gram matrix")
+        A, B = asvd_factors(weight, gram, decision.rank)
+        return {"A": A, "B": B}
     generator = layer_generator(decision.seed, decision.path)
     if decision.method == "svd":
         A, B = svd_factors(weight, decision.rank, oversample=decision.oversample, n_iter=decision.n_iter,
@@ -41,9 +47,35 @@ def dense_from_factors(factors: dict[str, torch.Tensor]) -> torch.Tensor:
     return sketch_weight(*(factors[k].float() for k in ("S1", "S2", "U1", "U2")))
 
 
-def relative_error(weight: torch.Tensor, factors: dict[str, torch.Tensor]) -> float:
-    W = weight.detach().float()
-    return (torch.linalg.matrix_norm(W - dense_from_factors(factors)) / torch.linalg.matrix_norm(W)).item()
+def relative_error(weight: torch.Tensor, factors: dict[str, torch.Tensor], gram: torch.Tensor | None = None) -> float:
+    """‖W - Ŵ‖_F / ‖W‖_F; with ``gram`` = XᵀX the activation-weighted ‖(W - Ŵ) S‖_F / ‖W S‖_F, S Sᵀ = XᵀX + λI
+    (the error on the calibration inputs, which is what asvd minimizes)."""
+    if gram is None:
+        W = weight.detach().float()
+        return (torch.linalg.matrix_norm(W - dense_from_factors(factors)) / torch.linalg.matrix_norm(W)).item()
+    W = weight.detach().double()
+    S = whitening(gram.to(W.device))
+    diff = (W - dense_from_factors(factors).double()) @ S
+    return (torch.linalg.matrix_norm(diff) / torch.linalg.matrix_norm(W @ S)).item()
+
+
+def _layer_gram(path: str, calibration: Any) -> torch.Tensor | None:
+    """The input Gram matrix of ``path`` from ``calibration`` (the dict :func:`~panther_fx.calibration.calibrate`
+    returns), or None."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, Mapping):
+        raise TypeError(f"calibration must be the dict of input Gram matrices returned by "
+                        f"panther_fx.calibration.calibrate(model, batches), got {type(calibration).__name__}")
+    return calibration.get(path)
+
+
+def _gram_key(gram: torch.Tensor | None) -> tuple:
+    """A cheap content fingerprint, so a factorization cached for one calibration is not reused for another."""
+    if gram is None:
+        return ()
+    g = gram.detach()
+    return (tuple(g.shape), g.trace().item(), g.sum().item(), g.abs().sum().item())
 
 
 def _linear_args(node: fx.Node):
@@ -68,22 +100,24 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
     """Decide and factorize the (O, I) ``weight`` of the linear layer at ``path``."""
     O, I = weight.shape
     decision = policy.decide(path, "linear", in_features=I, out_features=O)
-    if decision.method == "asvd" and calibration is None:
-        decision = replace(decision, method="dense",
-                           reason="method 'asvd' needs calibration batches: options={'calibration': ...}")
+    gram = _layer_gram(path, calibration) if decision.method == "asvd" else None
+    if decision.method == "asvd" and gram is None:
+        why = ("method 'asvd' needs calibration: options={'calibration': calibrate(model, batches)}"
+               if calibration is None else "method 'asvd': the calibration has no Gram matrix for this layer")
+        decision = replace(decision, method="dense", reason=why)
     if not decision.rewrites:
         return LinearPlan(decision, None, LayerReport(path, "linear", "dense", (O, I), "dense",
                                                       reason=decision.reason, params_before=O * I,
                                                       params_after=O * I))
     key = (decision.method, decision.rank, decision.num_terms, decision.low_rank, decision.oversample,
-           decision.n_iter, decision.seed, path)
-    compute = partial(factorize_linear, decision=decision)
+           decision.n_iter, decision.seed, path, *_gram_key(gram))
+    compute = partial(factorize_linear, decision=decision, gram=gram)
     factors = cache.get(weight, key, compute)
     after = factored_params(decision.method, I, O, rank=decision.rank, num_terms=decision.num_terms,
                             low_rank=decision.low_rank)
     rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
     row = LayerReport(path, "linear", decision.method, (O, I), "rewritten", rank=rank, params_before=O * I,
-                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors))
+                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors, gram))
     return LinearPlan(decision, factors, row, compute)
 
 
