@@ -1,6 +1,7 @@
 """``torch.ops.panther``: custom ops with pure-PyTorch fallbacks and optional native kernels."""
 
 from . import linear
+from . import conv2d  # panther::lowrank_conv2d, panther::sketched_conv2d
 from ._extension import extension_loaded, kernel_info, load_extension
 from .linear import lowrank_linear, sketch_concat, sketched_linear
 

@@ -12,13 +12,15 @@ from ..policy import Policy
 from ..report import Report
 from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, module_path
 from .linear import LINEAR_TARGETS, LinearPlan, factorize_linear, plan_linear, rewrite_linear
+from .conv2d import CONV2D_TARGETS, ConvPlan, factorize_conv2d, plan_conv2d, rewrite_conv2d
 
 __all__ = [
     "FactorCache", "LINEAR_TARGETS", "PASSES", "RewriteContext", "StaleFactorGuard", "TrainingRewriteError",
     "LinearPlan", "factorize_linear", "inspect_model", "module_path", "plan_linear", "rewrite_graph",
+    "CONV2D_TARGETS", "ConvPlan", "factorize_conv2d", "plan_conv2d",
 ]
 
-PASSES: list[Callable[[RewriteContext], None]] = [rewrite_linear]
+PASSES: list[Callable[[RewriteContext], None]] = [rewrite_linear, rewrite_conv2d]
 
 
 def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) -> Report:
@@ -29,6 +31,10 @@ def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) 
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear):
             plan = plan_linear(path, module.weight, policy, cache, calibration=calibration)
+            decisions.append(plan.decision)
+            report.append(plan.report)
+        elif isinstance(module, nn.Conv2d):
+            plan = plan_conv2d(path, module.weight, policy, cache, groups=module.groups)
             decisions.append(plan.decision)
             report.append(plan.report)
     if policy.rules:
