@@ -80,6 +80,12 @@ def _check_sparse(A: Tensor, rows: Tensor, vals: Tensor, name: str) -> None:
     torch._check(vals.dtype == A.dtype, lambda: f"{name}: vals dtype {vals.dtype} differs from {A.dtype}")
 
 
+def _check_rows_in_range(rows: Tensor, sketch_size: int, name: str) -> None:
+    """Out-of-range rows would index out of bounds inside the sparse product: check them (one sync)."""
+    bad = bool(((rows < 0) | (rows >= sketch_size)).any())
+    torch._check(not bad, lambda: f"{name}: rows must lie in [0, {sketch_size}), got [{int(rows.min())}, {int(rows.max())}]")
+
+
 @torch.library.custom_op("panther::sparse_sketch", mutates_args=())
 def sparse_sketch(A: Tensor, rows: Tensor, vals: Tensor, sketch_size: int) -> Tensor:
     """S @ A for A (n, c) and a sparse S (sketch_size, n) with S[rows[j, t], j] = vals[j, t].
@@ -89,15 +95,18 @@ def sparse_sketch(A: Tensor, rows: Tensor, vals: Tensor, sketch_size: int) -> Te
     """
     _check_sparse(A, rows, vals, "sparse_sketch")
     torch._check(A.shape[0] == rows.shape[0], lambda: f"sparse_sketch: A has {A.shape[0]} rows, S has {rows.shape[0]} columns")
+    _check_rows_in_range(rows, sketch_size, "sparse_sketch")
     n, nnz = rows.shape
     cols = torch.arange(n, device=rows.device).repeat_interleave(nnz)
-    S = torch.sparse_coo_tensor(torch.stack((rows.reshape(-1), cols)), vals.reshape(-1), (sketch_size, n))
+    S = torch.sparse_coo_tensor(torch.stack((rows.reshape(-1), cols)), vals.reshape(-1), (sketch_size, n),
+                                check_invariants=False)
     return torch.sparse.mm(S, A)
 
 
 @sparse_sketch.register_fake
 def _(A, rows, vals, sketch_size):
     _check_sparse(A, rows, vals, "sparse_sketch")
+    torch._check(A.shape[0] == rows.shape[0], lambda: f"sparse_sketch: A has {A.shape[0]} rows, S has {rows.shape[0]} columns")
     return A.new_empty((sketch_size, A.shape[1]))
 
 
@@ -105,9 +114,11 @@ def _(A, rows, vals, sketch_size):
 def sparse_sketch_t(G: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
     """Sᵀ @ G for G (d, c) and S as in :func:`sparse_sketch` -> (n, c): out[j] = Σ_t vals[j, t] · G[rows[j, t]]."""
     _check_sparse(G, rows, vals, "sparse_sketch_t")
+    _check_rows_in_range(rows, G.shape[0], "sparse_sketch_t")
     n, nnz = rows.shape
     cols = torch.arange(n, device=rows.device).repeat_interleave(nnz)
-    St = torch.sparse_coo_tensor(torch.stack((cols, rows.reshape(-1))), vals.reshape(-1), (n, G.shape[0]))
+    St = torch.sparse_coo_tensor(torch.stack((cols, rows.reshape(-1))), vals.reshape(-1), (n, G.shape[0]),
+                                 check_invariants=False)
     return torch.sparse.mm(St, G)
 
 
