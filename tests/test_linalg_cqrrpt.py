@@ -1,0 +1,165 @@
+"""cqrrpt: A[:, piv] = Q R with ‖AP − QR‖/‖A‖ and ‖QᵀQ − I‖ at working precision in float32 and float64,
+ill-conditioned and rank-deficient inputs, full rank kept in float32 (the prior art truncated it), qrcp, errors."""
+
+import math
+
+import pytest
+import torch
+
+from panther_fx.linalg import SKETCHES, cqrrpt, qrcp, rank_threshold
+
+F64 = torch.float64
+M, N = 1000, 50
+
+
+def with_cond(m, n, cond, dtype, seed=0, rank=None):
+    """U diag(s) Vᵀ with singular values log-spaced from 1 to 1/cond (rank of them), built in float64."""
+    g = torch.Generator().manual_seed(seed)
+    rank = rank or n
+    U = torch.linalg.qr(torch.randn(m, rank, dtype=F64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, rank, dtype=F64, generator=g)).Q
+    s = torch.logspace(0, -math.log10(cond), rank, dtype=F64)
+    return ((U * s) @ V.t()).to(dtype)
+
+
+def errors(A, Q, R, piv):
+    """(‖A[:, piv] − QR‖_F/‖A‖_F, ‖QᵀQ − I‖_F) in units of the dtype's eps, evaluated in float64."""
+    eps = torch.finfo(A.dtype).eps
+    A, Q, R = A.double(), Q.double(), R.double()
+    rec = torch.linalg.norm(A[:, piv] - Q @ R) / torch.linalg.norm(A)
+    orth = torch.linalg.norm(Q.t() @ Q - torch.eye(Q.shape[1], dtype=F64))
+    return rec.item() / eps, orth.item() / eps
+
+
+def assert_factorization(A, Q, R, piv, rank, rec_eps=10, orth_eps=5 * N):
+    assert Q.shape == (A.shape[0], rank) and R.shape == (rank, A.shape[1])
+    assert Q.dtype == R.dtype == A.dtype and piv.dtype == torch.int64
+    assert torch.equal(piv.sort().values, torch.arange(A.shape[1]))
+    assert torch.equal(R, R.triu())
+    rec, orth = errors(A, Q, R, piv)
+    assert rec <= rec_eps and orth <= orth_eps, (rec, orth)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cond", [10.0, 1e6])
+def test_full_rank_at_working_precision(dtype, cond):
+    A = with_cond(M, N, cond, dtype)
+    Q, R, piv = cqrrpt(A, generator=0)
+    assert_factorization(A, Q, R, piv, rank=N)
+
+
+def test_float64_cond_1e12_full_rank():
+    A = with_cond(M, N, 1e12, F64, seed=1)
+    Q, R, piv = cqrrpt(A, generator=1)
+    assert_factorization(A, Q, R, piv, rank=N)
+
+
+def test_float32_cond_1e12_truncates_to_numerical_rank():
+    """Singular values below τ = 2 eps^0.95 (5.3e-7) are noise in float32: about 26 of 50 survive."""
+    A = with_cond(M, N, 1e12, torch.float32, seed=2)
+    Q, R, piv = cqrrpt(A, generator=2)
+    above = int((torch.logspace(0, -12, N, dtype=F64) > rank_threshold(torch.float32)).sum())
+    assert above <= Q.shape[1] <= above + 4
+    assert_factorization(A, Q, R, piv, rank=Q.shape[1], rec_eps=20)
+
+
+def test_float32_full_rank_is_kept_with_uneven_column_scales():
+    """The prior art's absolute rank threshold truncated full-rank float32 matrices; ours is relative."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(M, N, generator=g) * torch.logspace(2, -2, N)  # column norms over 4 orders
+    Q, R, piv = cqrrpt(A, generator=3)
+    assert_factorization(A, Q, R, piv, rank=N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_gets_exact_rank(dtype):
+    A = with_cond(M, N, 10.0, dtype, rank=20, seed=4)
+    Q, R, piv = cqrrpt(A, generator=4)
+    assert_factorization(A, Q, R, piv, rank=20)
+
+
+def test_repeated_columns():
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(M, 10, dtype=F64, generator=g)
+    A = torch.cat([B, B[:, :5] * 2.0, B[:, 3:8] - B[:, :5]], dim=1)  # rank 10, 20 columns
+    Q, R, piv = cqrrpt(A, generator=5)
+    assert_factorization(A, Q, R, piv, rank=10)
+
+
+@pytest.mark.parametrize("sketch", sorted(SKETCHES))
+def test_every_sketch(sketch):
+    A = with_cond(M, N, 1e4, torch.float32, seed=6)
+    Q, R, piv = cqrrpt(A, sketch=sketch, generator=6)
+    assert_factorization(A, Q, R, piv, rank=N)
+
+
+def test_unpreconditioned_cholesky_qr_would_fail():
+    """Why the preconditioner matters: plain Cholesky QR on cond 1e6 loses orthogonality entirely."""
+    A = with_cond(M, N, 1e6, F64, seed=7)
+    R = torch.linalg.cholesky(A.t() @ A).t()
+    Q = torch.linalg.solve_triangular(R, A, upper=True, left=False)
+    assert errors(A, Q, R, torch.arange(N))[1] > 1e4 * N
+    assert errors(A, *cqrrpt(A, generator=7))[1] <= 5 * N
+
+
+def test_rank_threshold_is_relative_and_dtype_aware():
+    assert rank_threshold(torch.float32) == pytest.approx(2 * torch.finfo(torch.float32).eps ** 0.95)
+    assert rank_threshold(torch.float64) < 1e-14 < 1e-7 < rank_threshold(torch.float32) < 1e-6
+    A = with_cond(M, N, 1e3, torch.float32, seed=8) * 1e-6  # scale does not change the rank
+    assert cqrrpt(A, generator=8)[0].shape[1] == N
+
+
+@pytest.mark.parametrize("backend", ["torch", "scipy"])
+def test_qrcp_backends(backend):
+    if backend == "scipy":
+        pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(30, 20, dtype=F64, generator=g) * torch.logspace(0, -3, 20, dtype=F64)
+    R, piv = qrcp(W, backend=backend)
+    assert R.shape == (20, 20) and torch.equal(piv.sort().values, torch.arange(20))
+    torch.testing.assert_close(R.t() @ R, W[:, piv].t() @ W[:, piv], rtol=0, atol=1e-12)
+    d = R.diagonal().abs()
+    assert (d[1:] <= d[:-1] * (1 + 1e-12)).all()  # column pivoting orders the diagonal
+
+
+def test_qrcp_torch_matches_scipy():
+    pytest.importorskip("scipy")
+    W = torch.randn(40, 25, dtype=F64, generator=torch.Generator().manual_seed(10))
+    (R1, p1), (R2, p2) = qrcp(W, backend="torch"), qrcp(W, backend="scipy")
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(R1.diagonal().abs(), R2.diagonal().abs(), rtol=1e-12, atol=0)
+
+
+def test_reproducible_by_seed():
+    A = with_cond(M, N, 1e3, F64, seed=11)
+    a, b = cqrrpt(A, generator=12), cqrrpt(A, generator=12)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("A, kwargs, match", [
+    (torch.randn(10), {}, "2-D"),
+    (torch.randn(5, 10), {}, r"tall \(m >= n >= 1\), got shape \(5, 10\)"),
+    (torch.ones(10, 3, dtype=torch.int64), {}, "float32 or float64"),
+    (torch.full((10, 3), float("inf")), {}, "NaN or Inf"),
+    (torch.randn(10, 3), {"gamma": 0.5}, "gamma"),
+    (torch.randn(10, 3), {"sketch": "dense"}, "unknown sketch 'dense'"),
+    (torch.zeros(10, 3), {}, "numerically zero"),
+])
+def test_bad_input_errors(A, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cqrrpt(A, **kwargs)
+
+
+def test_qrcp_backend_name_checked():
+    with pytest.raises(ValueError, match="backend"):
+        qrcp(torch.randn(4, 3), backend="lapack")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda(dtype):
+    A = with_cond(M, N, 1e6, dtype, seed=13).cuda()
+    for backend in ("auto", "torch"):
+        Q, R, piv = cqrrpt(A, generator=13, qrcp_backend=backend)
+        assert Q.is_cuda and R.is_cuda and piv.is_cuda
+        assert_factorization(A.cpu(), Q.cpu(), R.cpu(), piv.cpu(), rank=N)
