@@ -47,7 +47,7 @@ class ConvertContext:
     policy: Policy
     calibration: Any = None
     cache: FactorCache = field(default_factory=FactorCache)
-    owners: dict[int, list[str]] = field(default_factory=dict)  # id(parameter) -> ["module.path.name", ...]
+    owners: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # id(param) -> [(path, id(module))]
 
     def rule_error(self, decision: Decision, module: nn.Module, why: str) -> ConversionError:
         rule = self.policy.rules[decision.rule_index - 1]
@@ -63,10 +63,10 @@ def _named_by_rule(decision: Decision) -> bool:
     return decision.rule_index is not None and decision.method != "dense"
 
 
-def _tied_elsewhere(ctx: ConvertContext, path: str, module: nn.Module) -> list[str]:
-    """Other places (outside ``module``) that hold ``module.weight``: converting would untie them."""
-    own = f"{path}.weight" if path else "weight"
-    return [p for p in ctx.owners.get(id(module.weight), []) if p != own]
+def _tied_elsewhere(ctx: ConvertContext, module: nn.Module) -> list[str]:
+    """Parameters of other modules that are ``module.weight``: converting it would untie them. (The same
+    module reachable at two paths is not a tie: it is converted once and stays shared.)"""
+    return [p for p, owner in ctx.owners.get(id(module.weight), []) if owner != id(module)]
 
 
 def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
@@ -79,7 +79,7 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
             raise ctx.rule_error(decision, module, "method 'asvd' needs calibration batches: convert(..., calibration=...)")
     if plan.factors is None:
         return Converted(None, decision, plan.report)
-    tied = _tied_elsewhere(ctx, path, module)
+    tied = _tied_elsewhere(ctx, module)
     if tied:
         why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
         if _named_by_rule(decision) and decision.origin != "defaults":
@@ -138,11 +138,11 @@ def _explicit_rule(policy: Policy, path: str):
     return None
 
 
-def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
+    owners: dict[int, list[tuple[str, int]]] = {}
+    for path, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
+            owners.setdefault(id(p), []).append((f"{path}.{name}" if path else name, id(module)))
     return owners
 
 

@@ -1,0 +1,295 @@
+"""panther_fx.convert: same decisions, factors and report as the backend; nested and shared modules; clear
+errors; HF BertModel and a Llama-style model; state_dict / save / load round trips; training and
+torch.compile(backend="panther") gradients; the distill recipe."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import panther_fx
+from panther_fx.convert import CONVERTERS, ConversionError, read_policy
+from panther_fx.nn import LowRankLinear, SKLinear
+from panther_fx.passes import inspect_model
+
+D = torch.float64
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class Net(nn.Module):
+    """Nested blocks, one block reachable at two paths, a small layer below min_features."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.shared = self.blocks[1]
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(self.shared(x))
+
+
+SVD = {"defaults": {"method": "svd", "rank": 8, "min_features": 16}}
+MIXED = {"defaults": {"method": "svd", "rank": 8, "min_features": 16},
+         "rule": [{"match": "blocks.0.up", "method": "sketch", "num_terms": 2, "low_rank": 2}]}
+
+
+def make_net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def test_convert_swaps_selected_layers_and_keeps_shared_modules_shared():
+    model = make_net()
+    report = panther_fx.convert(model, MIXED)
+    assert isinstance(model.blocks[0].up, SKLinear) and isinstance(model.blocks[0].down, LowRankLinear)
+    assert isinstance(model.blocks[1].up, LowRankLinear)
+    assert model.shared is model.blocks[1]  # the shared block is converted once and stays one object
+    assert type(model.head) is nn.Linear  # min(I, O) = 4 < min_features
+    assert [r.path for r in report] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+    assert [r.status for r in report] == ["rewritten"] * 4 + ["dense"]
+    assert "min_features" in report[-1].reason
+    assert model.panther_policy == panther_fx.Policy.load(MIXED)
+
+
+def test_convert_has_the_backends_factors_and_report():
+    """Same matcher, factorization and seeds as backend='panther': outputs agree to rounding."""
+    model = make_net()
+    x = torch.randn(5, 32)
+    converted, report = panther_fx.convert(model, MIXED, inplace=False)
+    assert [type(m) for m in model.modules()].count(nn.Linear) == 5  # original untouched
+    compiled = torch.compile(model, backend="panther", fullgraph=True,
+                             options={"policy": MIXED, "use_inductor": False})
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), compiled(x), rtol=1e-6, atol=1e-6)
+    backend_rows = {r.path: r for r in panther_fx.last_report()}
+    for row in report:
+        if row.status == "rewritten":
+            assert row == backend_rows[row.path]
+    assert list(report) == list(inspect_model(model, panther_fx.Policy.load(MIXED)))
+
+
+def test_full_rank_svd_reproduces_the_model_float64():
+    model = make_net(D)
+    x = torch.randn(3, 32, dtype=D)
+    expected = model(x)
+    panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 32, "min_features": 16, "force": True}})
+    assert isinstance(model.blocks[0].up, LowRankLinear) and model.blocks[0].up.A.dtype == D
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_layers_stay_frozen():
+    model = make_net()
+    model.blocks[0].requires_grad_(False)
+    panther_fx.convert(model, SVD)
+    assert not any(p.requires_grad for p in model.blocks[0].parameters())
+    assert all(p.requires_grad for p in model.blocks[1].parameters())
+
+
+def test_rule_naming_an_unconvertible_module_is_an_error():
+    class Attention(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Linear(32, 32), Attention())
+    policy = {"rule": [{"match": "1", "op": "attention", "method": "performer"}]}
+    with pytest.raises(ConversionError, match=r"rule 1 \(match = '1', op = 'attention'\) selects '1' \(Attention\)"):
+        panther_fx.convert(model, policy)
+    # an earlier op-less dense rule protects it (no Linear matches either rule: both are reported unused)
+    with pytest.warns(UserWarning, match="matched no layer"):
+        panther_fx.convert(model, {"rule": [{"match": "1", "method": "dense"}, *policy["rule"]]})
+
+
+def test_tied_weight_stays_dense_or_errors_when_a_rule_names_it():
+    emb = nn.Embedding(50, 32)
+    head = nn.Linear(32, 50, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    report = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 4}})
+    assert type(model["head"]) is nn.Linear and "shared with 'emb.weight'" in report[0].reason
+    with pytest.raises(ConversionError, match="rule 1 .* selects 'head' .*shared with 'emb.weight'"):
+        panther_fx.convert(model, {"rule": [{"match": "head", "rank": 4}]})
+
+
+def test_multihead_attention_out_proj_is_left_alone_or_refused():
+    model = nn.Sequential(nn.MultiheadAttention(32, 4))
+    report = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 4}})
+    assert type(model[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert report[0].status == "dense" and "MultiheadAttention" in report[0].reason
+    with pytest.raises(ConversionError, match="out_proj"):
+        panther_fx.convert(model, {"rule": [{"match": "0.out_proj", "rank": 4}]})
+
+
+def test_asvd_without_calibration_is_refused_when_a_rule_names_it():
+    with pytest.raises(ConversionError, match="asvd.*calibration"):
+        panther_fx.convert(make_net(), {"rule": [{"match": "blocks.0.up", "method": "asvd", "rank": 4}]})
+
+
+def test_bare_layer_is_refused():
+    with pytest.raises(ValueError, match="wrap the bare Linear"):
+        panther_fx.convert(nn.Linear(8, 8), SVD)
+
+
+def test_converter_table_is_the_extension_point():
+    assert CONVERTERS[nn.Linear].__name__ == "convert_linear"
+
+
+def test_state_dict_round_trip_into_a_freshly_converted_model():
+    model = make_net()
+    panther_fx.convert(model, MIXED)
+    with torch.no_grad():  # make the factors differ from a fresh conversion
+        for p in model.parameters():
+            p.add_(0.01)
+    fresh = make_net()
+    panther_fx.convert(fresh, MIXED)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_save_and_load_with_the_stored_policy(tmp_path):
+    model = make_net()
+    panther_fx.convert(model, MIXED)
+    with torch.no_grad():
+        model.blocks[0].up.S1s.mul_(2)
+    path = tmp_path / "net.safetensors"
+    panther_fx.save(model, path)
+    assert read_policy(path) == panther_fx.Policy.load(MIXED)
+    loaded = panther_fx.load(path, make_net)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert loaded.shared is loaded.blocks[1]
+    with pytest.raises(RuntimeError, match="same architecture"), pytest.warns(UserWarning, match="matched no layer"):
+        panther_fx.load(path, lambda: nn.Sequential(nn.Linear(32, 32)))
+    with pytest.raises(ValueError, match="no policy"):
+        panther_fx.save(make_net(), tmp_path / "plain.safetensors")
+
+
+def test_load_refuses_a_file_without_a_policy(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(panther_fx.PolicyError, match="not a panther_fx checkpoint"):
+        panther_fx.load(path, make_net)
+
+
+def test_compiled_converted_model_has_eager_gradients():
+    """torch.compile(backend='panther') without a policy keeps the panther modules' ops: same gradients."""
+    model = make_net()
+    panther_fx.convert(model, MIXED)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="panther", fullgraph=True)
+    x = torch.randn(6, 32)
+    model(x).square().sum().backward()
+    compiled(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled(torch.randn(6, 32)).sum().backward()
+
+
+def test_converted_model_trains():
+    torch.manual_seed(1)
+    teacher = make_net()
+    student = make_net()
+    panther_fx.convert(student, MIXED)
+    x = torch.randn(128, 32)
+    y = teacher(x).detach()
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.mse_loss(student(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 2
+
+
+def test_distill_reduces_the_gap_to_the_teacher():
+    teacher = make_net()
+    student, _ = panther_fx.convert(teacher, {"defaults": {"method": "svd", "rank": 4, "min_features": 16}},
+                                    inplace=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 32, generator=g) for _ in range(8)]
+    history = panther_fx.distill(student, teacher, batches, epochs=4, lr=1e-2, progress=False)
+    assert len(history) == 4 and history[-1] < history[0] / 2
+    assert student.training and teacher.training  # modes restored (distill trains with dropout off)
+    cos = panther_fx.distill(student, teacher, batches, epochs=1, lr=1e-3, loss="cosine", progress=False)
+    assert len(cos) == 1
+    with pytest.raises(ValueError, match="loss must be"):
+        panther_fx.distill(student, teacher, batches, loss="l1")
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                        vocab_size=100, max_position_embeddings=32, attn_implementation="sdpa")
+    return BertModel(config).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_hf_bert_convert_save_load(tmp_path):
+    model = _bert()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    policy = {"defaults": {"method": "svd", "rank": 16, "min_features": 64},
+              "rule": [{"match": "encoder.layer.*.intermediate.dense", "method": "sketch", "low_rank": 4}]}
+    report = panther_fx.convert(model, policy)
+    assert isinstance(model.encoder.layer[1].intermediate.dense, SKLinear)
+    assert isinstance(model.encoder.layer[0].attention.self.query, LowRankLinear)
+    assert len(report.rewritten) == 13
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(out).all()
+    panther_fx.save(model, tmp_path / "bert.safetensors")
+    loaded = panther_fx.load(tmp_path / "bert.safetensors", _bert)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, out, rtol=0, atol=0)
+
+
+def test_hf_llama_convert_train_step_and_state_dict():
+    model = _llama()
+    report = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 0.25}})
+    rows = {r.path: r for r in report}
+    assert isinstance(model.model.layers[0].mlp.gate_proj, LowRankLinear)
+    assert type(model.lm_head) is nn.Linear and "shared with 'model.embed_tokens.weight'" in rows["lm_head"].reason
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (2, 16))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    fresh = _llama()
+    panther_fx.convert(fresh, {"defaults": {"method": "svd", "rank": 0.25}})
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
