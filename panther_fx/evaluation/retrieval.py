@@ -53,7 +53,11 @@ def load_minilm(*, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, "PreT
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise AssetError("transformers is not installed: pip install 'panther-fx[demo]'") from None
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", torch_dtype=dtype)
+    import transformers
+
+    # transformers 5 renamed torch_dtype= to dtype= (the old name warns); 4.x only knows torch_dtype=.
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", **{dtype_kw: dtype})
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 

@@ -48,12 +48,14 @@ def svd_factors(W: Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2,
 
 
 @torch.no_grad()
-def whitening(gram: Tensor, *, damping: float = ASVD_DAMPING) -> Tensor:
-    """Lower-triangular S (I, I) with S Sᵀ = XᵀX + λI, λ = ``damping`` · mean(diag(XᵀX)), in float64.
+def whitening(gram: Tensor, *, damping: float | None = None) -> Tensor:
+    """Lower-triangular S (I, I) with S Sᵀ = XᵀX + λI, λ = ``damping`` · mean(diag(XᵀX)), in float64
+    (``damping=None``: :data:`ASVD_DAMPING`).
 
     For any M (O, I): ‖M Xᵀ‖_F² = tr(M XᵀX Mᵀ) ≈ ‖M S‖_F², so errors measured through S are errors on the
     calibration inputs. The damping keeps S invertible when some input directions were never seen.
     """
+    damping = ASVD_DAMPING if damping is None else damping
     G = gram.detach().to(torch.float64)
     G = (G + G.T) / 2
     lam = damping * G.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
@@ -67,7 +69,7 @@ def whitening(gram: Tensor, *, damping: float = ASVD_DAMPING) -> Tensor:
 
 @torch.no_grad()
 def asvd_factors(W: Tensor, gram: Tensor, rank: int, *,
-                 damping: float = ASVD_DAMPING) -> tuple[Tensor, Tensor]:
+                 damping: float | None = None) -> tuple[Tensor, Tensor]:
     """Activation-aware W (O, I) ≈ A @ B, A (O, r), B (r, I), optimal on the calibration inputs.
 
     ``gram`` is XᵀX (I, I) of the layer's inputs X (tokens, I). With S = :func:`whitening` (gram),

@@ -1,0 +1,120 @@
+"""``panther-fx demo``: the real all-MiniLM-L6-v2, compressed by the panther backend, on Wikipedia retrieval.
+
+Loads the packaged weights offline, compiles the model with ``torch.compile(backend="panther")`` and a
+shipped policy, and compares the dense and the compiled model on description -> article retrieval:
+the per-layer report, Recall@1 / MRR / mean cosine, Linear parameters and latency per batch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from ._common import CLIError
+from .policies import describe, resolve_policy
+
+DEFAULT_POLICY = "minilm-asvd"
+CALIBRATION_START = 5000  # calibration texts: a slice of the shuffled pairs disjoint from [0, n)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="compress the real all-MiniLM-L6-v2 and evaluate it on Wikipedia retrieval",
+                              description=__doc__)
+    p.add_argument("--n", type=_positive, default=500,
+                   help="evaluation pairs (description, article); 2000 reproduces DESIGN.md §6 (default 500)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"a shipped policy name (see 'panther-fx policies') or a TOML path (default {DEFAULT_POLICY})")
+    p.add_argument("--calibration", type=_positive, default=128,
+                   help="calibration pairs for asvd layers, disjoint from the evaluation pairs (default 128)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed batches per model for the latency (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _latency_ms(model, batch: dict[str, torch.Tensor], repeats: int) -> float:
+    """Median wall time of one forward over ``batch`` after two warm-up calls."""
+    for _ in range(2):
+        model(**batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..backend import last_report
+    from ..calibration import calibrate
+    from ..evaluation import AssetError, RetrievalTask, load_minilm, load_wiki_pairs
+    from ..policy import load_policy
+
+    policy_path = resolve_policy(args.policy)
+    policy = load_policy(policy_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load_minilm()
+        pairs = load_wiki_pairs(args.n, seed=0)
+    except (AssetError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    model.requires_grad_(False)
+    task = RetrievalTask(tokenizer, pairs, max_length=args.max_length, batch_size=args.batch_size)
+    print(f"panther-fx demo: all-MiniLM-L6-v2, {args.n} Wikipedia description -> article pairs, policy "
+          f"{policy_path.stem} ({describe(policy_path)}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+
+    def bar(desc: str):
+        return tqdm(total=task.num_batches(), desc=desc, unit="batch", disable=args.no_progress, leave=False)
+
+    with torch.no_grad():
+        with bar("dense") as progress:
+            dense = task.evaluate(model, progress=progress)
+        options = {"policy": policy}
+        uses_asvd = any(r.settings.get("method") == "asvd" for r in policy.rules) or policy.defaults.get("method") == "asvd"
+        if uses_asvd:
+            cal_pairs = load_wiki_pairs(args.calibration, seed=0, start=CALIBRATION_START)
+            cal_task = RetrievalTask(tokenizer, cal_pairs, max_length=args.max_length, batch_size=args.batch_size)
+            texts = [t for pair in cal_pairs for t in pair]
+            options["calibration"] = calibrate(model, [enc for _, enc in cal_task.batches(texts)], policy=policy)
+        compiled = torch.compile(model, backend="panther", options=options)
+        t0 = time.perf_counter()
+        with bar("panther (compiles on the first batches)") as progress:
+            result = task.evaluate(compiled, reference=dense.embeddings, progress=progress)
+        eval_s = time.perf_counter() - t0
+        report = last_report()
+        timing_batch = task.batches([d for _, d in pairs])[-1][1]  # the longest documents
+        dense_ms = _latency_ms(model, timing_batch, args.repeats)
+        panther_ms = _latency_ms(compiled, timing_batch, args.repeats)
+
+    print("\nPer-layer report (policy " + str(policy_path) + "):")
+    print(report.table())
+    before, after = report.params()
+    print("\n" + tabulate(
+        [("dense (eager)", f"{dense.recall_at_1:.4f}", f"{dense.mrr:.4f}", "1.0000", f"{before:,}", f"{dense_ms:.1f}"),
+         ("panther (compiled)", f"{result.recall_at_1:.4f}", f"{result.mrr:.4f}", f"{result.mean_cosine:.4f}",
+          f"{after:,}", f"{panther_ms:.1f}")],
+        headers=("model", "Recall@1", "MRR", "mean cosine", "Linear params", "ms / batch")))
+    shape = "×".join(map(str, timing_batch["input_ids"].shape))
+    print(f"\nLinear parameters: {before:,} -> {after:,} ({1 - after / before:.1%} fewer). Latency: median of "
+          f"{args.repeats} forwards on one {shape} (batch × tokens) batch after warm-up, float32, "
+          f"{torch.get_num_threads()} threads; the compiled evaluation (with compilation) took {eval_s:.0f} s.")
