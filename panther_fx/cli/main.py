@@ -11,7 +11,7 @@ import warnings
 from ..policy import PolicyError
 from ._common import CLIError
 
-SUBCOMMANDS = ["inspect"]
+SUBCOMMANDS = ["inspect", "demo", "policies", "bench", "info", "tune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

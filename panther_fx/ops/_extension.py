@@ -40,23 +40,40 @@ def extension_loaded() -> bool:
 
 
 def _panther_ops() -> list[str]:
+    """Public ``panther::`` ops (helpers named ``_...`` are left out)."""
     names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("panther::")]
-    return sorted(names)
+    return sorted(name for name in names if not name.split("::", 1)[1].startswith("_"))
+
+
+def _native_kernels(name: str) -> dict[str, bool]:
+    """Whether the CPU / CUDA kernel of op ``name`` is native code (registered from a C++/CUDA source file).
+
+    A kernel registered from Python (``custom_op(device_types=...)``, ``register_kernel``) or the Python body
+    as the default backend kernel does not count.
+    """
+    found = {"cpu": False, "cuda": False}
+    for line in torch._C._dispatch_dump(name).splitlines():
+        key, sep, rest = line.partition(": registered at ")
+        if sep and key in ("CPU", "CUDA"):
+            path = rest.split(" ::", 1)[0].rsplit(":", 1)[0]
+            found[key.lower()] = not path.endswith(".py")
+    return found
 
 
 def kernel_info() -> dict:
-    """Which ``torch.ops.panther`` ops have native CPU/CUDA kernels, plus torch, CUDA and device facts."""
-    ops = {}
-    for name in _panther_ops():
-        ops[name.split("::", 1)[1]] = {
-            key.lower(): torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in ("CPU", "CUDA")
-        }
+    """Which ``torch.ops.panther`` ops have native CPU/CUDA kernels, plus torch, CUDA and device facts.
+
+    Keys: extension ("loaded" or why not), extension_cuda (the build carries CUDA kernels), torch,
+    cuda_runtime (torch's CUDA version or None), cuda_available, device, tf32_matmul, ops {name: {cpu, cuda}}.
+    """
     cuda = torch.cuda.is_available()
     return {
         "extension": "loaded" if _state["loaded"] else f"not loaded ({_state['error']})",
+        "extension_cuda": _state["loaded"] and torch._C._dispatch_has_kernel("panther::_cuda_fused_limits"),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
+        "cuda_available": cuda,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "ops": ops,
+        "ops": {name.split("::", 1)[1]: _native_kernels(name) for name in _panther_ops()},
     }

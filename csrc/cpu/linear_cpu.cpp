@@ -1,0 +1,50 @@
+// CPU kernels for the panther linear ops (forward and backward), registered over the Python reference bodies.
+#include <torch/library.h>
+
+#include "../linear.h"
+
+namespace panther {
+namespace {
+
+// Below this many tokens per rank-k term, 2L GEMMs on views of the sketch factors beat copying the factors
+// into one concatenated pair (the copy costs about as much as reading the factors again).
+bool concat_pays(int64_t tokens, int64_t k) { return tokens > 2 * k; }
+
+int64_t tokens_of(const at::Tensor& x) { return x.dim() == 0 ? 0 : x.numel() / std::max<int64_t>(x.size(-1), 1); }
+
+at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const OptTensor& bias) {
+  check_lowrank(x, A, B, bias);
+  count_call("lowrank_linear.cpu");
+  return lowrank_linear_gemm(x, A, B, bias);
+}
+
+at::Tensor sketched_linear_cpu(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& U1,
+                               const at::Tensor& U2, const OptTensor& bias) {
+  check_sketched(x, S1, S2, U1, U2, bias);
+  count_call("sketched_linear.cpu");
+  return sketched_linear_gemm(x, S1, S2, U1, U2, bias, concat_pays(tokens_of(x), S1.size(2)));
+}
+
+LowrankGrads lowrank_linear_backward_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
+                                         const at::Tensor& B, std::array<bool, 4> needs) {
+  count_call("lowrank_linear_backward.cpu");
+  return lowrank_linear_backward_gemm(gy, x, A, B, needs);
+}
+
+SketchedGrads sketched_linear_backward_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& S1,
+                                           const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
+                                           std::array<bool, 6> needs) {
+  count_call("sketched_linear_backward.cpu");
+  return sketched_linear_backward_gemm(gy, x, S1, S2, U1, U2, needs, concat_pays(tokens_of(x), S1.size(2)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(panther, CPU, m) {
+  m.impl("lowrank_linear", &lowrank_linear_cpu);
+  m.impl("sketched_linear", &sketched_linear_cpu);
+  m.impl("lowrank_linear_backward", &lowrank_linear_backward_cpu);
+  m.impl("sketched_linear_backward", &sketched_linear_backward_cpu);
+}
+
+}  // namespace panther

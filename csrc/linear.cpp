@@ -1,0 +1,206 @@
+// Device-generic GEMM forms of the panther linear ops (ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA, in the
+// op's dtype). Scales and biases go into the GEMM epilogue (addmm alpha/beta) instead of extra passes.
+#include "linear.h"
+
+#include <vector>
+
+namespace panther {
+
+namespace {
+
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out_features) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return sizes;
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " differs from x dtype ",
+              x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// The 2L rank-k terms as views: left_j (I, k) is S1_i (j = 2i) or U2_i (j = 2i + 1), right_j (k, O) is U1_i or
+// S2_i, so that x left right = Σ_j (x left_j) right_j (the order of panther_fx.ops.linear.sketch_concat).
+at::Tensor left_term(const at::Tensor& S1, const at::Tensor& U2, int64_t j) {
+  return (j % 2 == 0 ? S1 : U2).select(0, j / 2);
+}
+at::Tensor right_term(const at::Tensor& S2, const at::Tensor& U1, int64_t j) {
+  return (j % 2 == 0 ? U1 : S2).select(0, j / 2);
+}
+
+// left (I, 2Lk) and right (2Lk, O), materialised (copies of the factors).
+std::pair<at::Tensor, at::Tensor> concat_factors(const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& U1,
+                                                 const at::Tensor& U2) {
+  const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
+  auto left = at::cat({S1, U2}, 2).transpose(0, 1).reshape({I, 2 * L * k});
+  auto right = at::cat({U1, S2}, 1).reshape({2 * L * k, O});
+  return {left, right};
+}
+
+// out = alpha * a b (+ bias); beta = 0 makes addmm ignore out's (uninitialised) values.
+void gemm_epilogue(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const OptTensor& bias, double alpha) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, a, b, 1.0, alpha);
+  } else {
+    at::addmm_out(out, out, a, b, 0.0, alpha);
+  }
+}
+
+}  // namespace
+
+void check_lowrank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const OptTensor& bias) {
+  const char* op = "lowrank_linear";
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2, op, ": A and B must be 2-D, got ", A.dim(), "-D and ", B.dim(), "-D");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(x.size(-1) == B.size(1), op, ": x has ", x.size(-1), " features but B is ", B.sizes(), " (r, in)");
+  TORCH_CHECK(A.size(1) == B.size(0), op, ": A ", A.sizes(), " (out, r) and B ", B.sizes(), " (r, in) disagree on r");
+  check_dtype(op, "A", A, x);
+  check_dtype(op, "B", B, x);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == A.size(0), op, ": bias must have shape (", A.size(0),
+                ",), got ", bias->sizes());
+    check_dtype(op, "bias", *bias, x);
+  }
+}
+
+void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& U1,
+                    const at::Tensor& U2, const OptTensor& bias) {
+  const char* op = "sketched_linear";
+  TORCH_CHECK(S1.dim() == 3 && S2.dim() == 3 && U1.dim() == 3 && U2.dim() == 3, op,
+              ": S1, S2, U1, U2 must be 3-D (L, ., .)");
+  const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == I, op, ": x has ", x.size(-1), " features but S1 is ", S1.sizes(),
+              " (L, in, k)");
+  TORCH_CHECK(S2.sizes() == at::IntArrayRef({L, k, O}), op, ": S2 must have shape (", L, ", ", k, ", ", O, "), got ",
+              S2.sizes());
+  TORCH_CHECK(U1.sizes() == at::IntArrayRef({L, k, O}), op, ": U1 must have shape (", L, ", ", k, ", ", O, "), got ",
+              U1.sizes());
+  TORCH_CHECK(U2.sizes() == at::IntArrayRef({L, I, k}), op, ": U2 must have shape (", L, ", ", I, ", ", k, "), got ",
+              U2.sizes());
+  check_dtype(op, "S1", S1, x);
+  check_dtype(op, "S2", S2, x);
+  check_dtype(op, "U1", U1, x);
+  check_dtype(op, "U2", U2, x);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, ",), got ", bias->sizes());
+    check_dtype(op, "bias", *bias, x);
+  }
+}
+
+at::Tensor lowrank_linear_gemm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                               const OptTensor& bias) {
+  auto x2 = x.reshape({-1, x.size(-1)});
+  auto t = at::mm(x2, B.t());
+  auto y = at::empty({x2.size(0), A.size(0)}, x.options());
+  gemm_epilogue(y, t, A.t(), bias, 1.0);
+  return y.view(out_sizes(x, A.size(0)));
+}
+
+at::Tensor sketched_linear_gemm(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,
+                                const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias, bool concat) {
+  const int64_t L = S1.size(0), I = S1.size(1), O = S2.size(2);
+  const double alpha = 1.0 / static_cast<double>(2 * L);
+  auto x2 = x.reshape({-1, I});
+  auto y = at::empty({x2.size(0), O}, x.options());
+  if (concat) {
+    auto [left, right] = concat_factors(S1, S2, U1, U2);
+    gemm_epilogue(y, at::mm(x2, left), right, bias, alpha);
+  } else {
+    for (int64_t j = 0; j < 2 * L; ++j) {
+      auto t = at::mm(x2, left_term(S1, U2, j));
+      if (j == 0) {
+        gemm_epilogue(y, t, right_term(S2, U1, j), bias, alpha);
+      } else {
+        y.addmm_(t, right_term(S2, U1, j), 1.0, alpha);
+      }
+    }
+  }
+  return y.view(out_sizes(x, O));
+}
+
+LowrankGrads lowrank_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
+                                          const at::Tensor& B, std::array<bool, 4> needs) {
+  auto gy2 = gy.reshape({-1, A.size(0)});
+  auto x2 = x.reshape({-1, x.size(-1)});
+  OptTensor gx, gA, gB, gbias;
+  if (needs[0] || needs[2]) {
+    auto gt = at::mm(gy2, A);  // (N, r): gradient of the rank-r intermediate t = x Bᵀ
+    if (needs[0]) gx = at::mm(gt, B).view(x.sizes());
+    if (needs[2]) gB = at::mm(gt.t(), x2);
+  }
+  if (needs[1]) gA = at::mm(gy2.t(), at::mm(x2, B.t()));
+  if (needs[3]) gbias = gy2.sum(0);
+  return {gx, gA, gB, gbias};
+}
+
+SketchedGrads sketched_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& S1,
+                                            const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
+                                            std::array<bool, 6> needs, bool concat) {
+  const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
+  const double scale = 1.0 / static_cast<double>(2 * L);
+  auto gy2 = gy.reshape({-1, O});
+  auto x2 = x.reshape({-1, I});
+  const int64_t N = x2.size(0);
+  const bool need_left = needs[1] || needs[4], need_right = needs[2] || needs[3];
+  OptTensor gx, gS1, gS2, gU1, gU2, gbias;
+  if (concat) {
+    auto [left, right] = concat_factors(S1, S2, U1, U2);
+    if (needs[0] || need_left) {
+      auto gt = at::empty({N, 2 * L * k}, x.options());
+      at::addmm_out(gt, gt, gy2, right.t(), 0.0, scale);  // gradient of t = x left
+      if (needs[0]) gx = at::mm(gt, left.t()).view(x.sizes());
+      if (need_left) {
+        auto gleft = at::mm(x2.t(), gt).view({I, L, 2, k});
+        if (needs[1]) gS1 = gleft.select(2, 0).permute({1, 0, 2}).contiguous();
+        if (needs[4]) gU2 = gleft.select(2, 1).permute({1, 0, 2}).contiguous();
+      }
+    }
+    if (need_right) {
+      auto gright = at::empty({2 * L * k, O}, x.options());
+      at::addmm_out(gright, gright, at::mm(x2, left).t(), gy2, 0.0, scale);
+      auto terms = gright.view({L, 2, k, O});
+      if (needs[3]) gU1 = terms.select(1, 0).contiguous();
+      if (needs[2]) gS2 = terms.select(1, 1).contiguous();
+    }
+  } else {
+    // One GEMM per rank-k term on views of the factors; gradients are written straight into their outputs.
+    if (needs[1]) gS1 = at::empty_like(S1, at::MemoryFormat::Contiguous);
+    if (needs[4]) gU2 = at::empty_like(U2, at::MemoryFormat::Contiguous);
+    if (needs[3]) gU1 = at::empty_like(U1, at::MemoryFormat::Contiguous);
+    if (needs[2]) gS2 = at::empty_like(S2, at::MemoryFormat::Contiguous);
+    at::Tensor gx2;
+    if (needs[0]) gx2 = at::empty({N, I}, x.options());
+    for (int64_t j = 0; j < 2 * L; ++j) {
+      const int64_t i = j / 2;
+      auto left_j = left_term(S1, U2, j);
+      auto right_j = right_term(S2, U1, j);
+      if (needs[0] || (j % 2 == 0 ? needs[1] : needs[4])) {
+        auto gt = at::empty({N, k}, x.options());
+        at::addmm_out(gt, gt, gy2, right_j.t(), 0.0, scale);
+        if (needs[0]) {
+          if (j == 0) {
+            at::mm_out(gx2, gt, left_j.t());
+          } else {
+            gx2.addmm_(gt, left_j.t());
+          }
+        }
+        auto& gleft = j % 2 == 0 ? gS1 : gU2;
+        if (gleft.has_value()) {
+          auto out = gleft->select(0, i);
+          at::mm_out(out, x2.t(), gt);
+        }
+      }
+      auto& gright = j % 2 == 0 ? gU1 : gS2;
+      if (gright.has_value()) {
+        auto out = gright->select(0, i);
+        at::addmm_out(out, out, at::mm(x2, left_j).t(), gy2, 0.0, scale);
+      }
+    }
+    if (needs[0]) gx = gx2.view(x.sizes());
+  }
+  if (needs[5]) gbias = gy2.sum(0);
+  return {gx, gS1, gS2, gU1, gU2, gbias};
+}
+
+}  // namespace panther

@@ -1,0 +1,264 @@
+"""Native kernels of panther_fx._C vs the pure-PyTorch reference bodies of the ops (panther_fx/ops/linear.py).
+
+The reference of each op is its Python body (``CustomOpDef._init_fn``); the registered kernel is what
+``torch.ops.panther.<op>`` dispatches to. Token counts straddle the kernels' internal thresholds (sliced vs
+concatenated sketch factors on CPU, fused vs cuBLAS on CUDA) so every path is compared.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+import panther_fx
+from panther_fx.ops import linear as linear_ops
+
+panther = torch.ops.panther
+OPS = ("lowrank_linear", "sketched_linear", "lowrank_linear_backward", "sketched_linear_backward")
+BUILT = bool(glob.glob(os.path.join(os.path.dirname(panther_fx.__file__), "_C*.so")))
+needs_ext = pytest.mark.skipif(not BUILT or os.environ.get("PANTHER_NO_EXT") == "1",
+                               reason="panther_fx._C is not built (PANTHER_BUILD_EXT=0) or disabled")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def reference(op: str):
+    return getattr(linear_ops, op)._init_fn
+
+
+def rnd(gen, *shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def make_inputs(method, lead, I=48, O=40, r=12, L=1, bias=True, dtype=torch.float32, device="cpu",
+                noncontig=False, seed=0):
+    """x (*lead, I) plus factors scaled so that y has entries of order one."""
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:  # x as a strided view: every other feature of a wider tensor
+        x = rnd(gen, *lead, 2 * I, dtype=dtype, device=device)[..., ::2]
+        assert not x.is_contiguous()
+    else:
+        x = rnd(gen, *lead, I, dtype=dtype, device=device)
+    if method == "lowrank":
+        factors = [rnd(gen, O, r, dtype=dtype, device=device, scale=r**-0.5),
+                   rnd(gen, r, I, dtype=dtype, device=device, scale=I**-0.5)]
+    else:
+        k = r
+        factors = [rnd(gen, L, I, k, dtype=dtype, device=device, scale=I**-0.5),
+                   rnd(gen, L, k, O, dtype=dtype, device=device, scale=k**-0.5),
+                   rnd(gen, L, k, O, dtype=dtype, device=device, scale=k**-0.5),
+                   rnd(gen, L, I, k, dtype=dtype, device=device, scale=I**-0.5)]
+    b = rnd(gen, O, dtype=dtype, device=device) if bias else None
+    return x, factors, b
+
+
+def native_calls(kernel: str) -> int:
+    return panther._native_calls(kernel)
+
+
+@needs_ext
+def test_native_kernels_registered_and_reported():
+    info = panther_fx.kernel_info()
+    assert info["extension"] == "loaded"
+    for op in OPS:
+        assert info["ops"][op]["cpu"], f"{op} has no native CPU kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"panther::{op}", "CPU")
+    assert info["torch"] == torch.__version__
+
+
+@needs_ext
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+def test_native_kernel_runs(method):
+    x, factors, b = make_inputs(method, (5,))
+    before = native_calls(f"{method}_linear.cpu")
+    getattr(panther, f"{method}_linear")(x, *factors, b)
+    assert native_calls(f"{method}_linear.cpu") == before + 1
+    x.requires_grad_(True)
+    before = native_calls(f"{method}_linear_backward.cpu")
+    getattr(panther, f"{method}_linear")(x, *factors, b).sum().backward()
+    assert native_calls(f"{method}_linear_backward.cpu") == before + 1
+
+
+def check_forward(method, device, dtype, lead, bias, noncontig, L=1, r=12):
+    x, factors, b = make_inputs(method, lead, r=r, L=L, bias=bias, dtype=dtype, device=device, noncontig=noncontig)
+    op = f"{method}_linear"
+    got = getattr(panther, op)(x, *factors, b)
+    want = reference(op)(x, *factors, b)
+    assert got.shape == (*lead, 40) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    # and against float64 truth, at the dtype's tolerance
+    truth = reference(op)(x.double(), *(f.double() for f in factors), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), truth, rtol=TOL[dtype]["rtol"] * 4, atol=TOL[dtype]["atol"] * 4)
+
+
+# (3,) tokens <= 2k uses the sliced CPU path, (4, 25) = 100 tokens the concatenated one; () is a single vector.
+LEADS = [(), (3,), (4, 25)]
+
+
+@needs_ext
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_parity_cpu(method, dtype, lead, bias):
+    check_forward(method, "cpu", dtype, lead, bias, noncontig=False)
+
+
+@needs_ext
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("lead", [(3,), (4, 25)])
+@pytest.mark.parametrize("L", [1, 3])
+def test_forward_noncontiguous_and_terms_cpu(method, lead, L):
+    check_forward(method, "cpu", torch.float32, lead, True, noncontig=True, L=L)
+
+
+def check_backward(method, device, dtype, lead, needs, L=1, noncontig=False):
+    x, factors, b = make_inputs(method, lead, L=L, dtype=dtype, device=device, noncontig=noncontig)
+    gen = torch.Generator().manual_seed(1)
+    gy = rnd(gen, *lead, 40, dtype=dtype, device=device)
+    op = f"{method}_linear_backward"
+    got = getattr(panther, op)(gy, x, *factors, needs)
+    want = reference(op)(gy, x, *factors, needs)
+    assert len(got) == len(needs)
+    for i, (g, w, need) in enumerate(zip(got, want, needs)):
+        assert (g is None) == (not need), f"gradient {i}: needs={need} but got {g is not None}"
+        if need:
+            torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m: f"gradient {i}: {m}")
+
+
+def all_needs(method):
+    n = 4 if method == "lowrank" else 6
+    return [[True] * n, [True] + [False] * (n - 1), [False] * (n - 1) + [True], [i % 2 == 1 for i in range(n)]]
+
+
+@needs_ext
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", LEADS)
+def test_backward_parity_cpu(method, dtype, lead):
+    for needs in all_needs(method):
+        check_backward(method, "cpu", dtype, lead, needs)
+
+
+@needs_ext
+@pytest.mark.parametrize("lead", [(3,), (4, 25)])
+def test_backward_noncontiguous_terms_cpu(lead):
+    check_backward("sketched", "cpu", torch.float32, lead, [True] * 6, L=3, noncontig=True)
+    check_backward("lowrank", "cpu", torch.float32, lead, [True] * 4, noncontig=True)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("lead", [(3,), (4, 25)])
+def test_autograd_matches_float64_autograd(method, lead):
+    """Gradients through the op (native backward kernel) vs autograd through the float64 reference body."""
+    x, factors, b = make_inputs(method, lead, L=2)
+    inputs = [t.requires_grad_(True) for t in (x, *factors, b)]
+    getattr(panther, f"{method}_linear")(*inputs).square().sum().backward()
+    inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    reference(f"{method}_linear")(*inputs64).square().sum().backward()
+    for t, t64 in zip(inputs, inputs64):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cpu(method, bias):
+    x, factors, b = make_inputs(method, (2, 3), L=2, bias=bias)
+    args = [t.requires_grad_(True) for t in (x, *factors)] + [b]
+    torch.library.opcheck(getattr(panther, f"{method}_linear").default, tuple(args))
+    gy = torch.randn(2, 3, 40)
+    for needs in all_needs(method)[:2]:
+        torch.library.opcheck(getattr(panther, f"{method}_linear_backward").default, (gy, x.detach(),
+                              *(f.detach() for f in factors), needs))
+
+
+def test_errors_name_the_op_and_shapes():
+    x, (A, B), b = make_inputs("lowrank", (3,))
+    with pytest.raises(RuntimeError, match=r"lowrank_linear: x has 47 features"):
+        panther.lowrank_linear(x[:, :47], A, B, b)
+    with pytest.raises(RuntimeError, match=r"lowrank_linear: bias must have shape \(40,\)"):
+        panther.lowrank_linear(x, A, B, b[:5])
+    x, (S1, S2, U1, U2), b = make_inputs("sketched", (3,))
+    with pytest.raises(RuntimeError, match=r"sketched_linear: U1 must have shape"):
+        panther.sketched_linear(x, S1, S2, U1[:, :5], U2, b)
+
+
+# ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
+CUDA_TOKENS = [(1,), (7,), (3, 50), (300,), (4, 256)]  # fused kernel up to 256 tokens, cuBLAS above
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    info = panther_fx.kernel_info()
+    for op in OPS:
+        assert info["ops"][op]["cuda"], f"{op} has no native CUDA kernel"
+    assert info["device"] == torch.cuda.get_device_name(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", CUDA_TOKENS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_parity_cuda(method, dtype, lead, bias):
+    before = native_calls(f"{method}_linear.cuda")
+    check_forward(method, "cuda", dtype, lead, bias, noncontig=False)
+    check_forward(method, "cuda", dtype, lead, bias, noncontig=True, L=3)
+    assert native_calls(f"{method}_linear.cuda") == before + 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", CUDA_TOKENS)
+def test_backward_parity_cuda(method, dtype, lead):
+    for needs in all_needs(method):
+        check_backward(method, "cuda", dtype, lead, needs, L=2)
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_is_not_tf32_by_default():
+    """fp32 stays fp32 unless allow_tf32 says otherwise: error vs float64 far below TF32's 1e-3."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    x, factors, b = make_inputs("lowrank", (512,), I=1024, O=1024, r=256, device="cuda")
+    got = panther.lowrank_linear(x, *factors, b).double()
+    truth = reference("lowrank_linear")(x.double(), *(f.double() for f in factors), b.double())
+    assert (got - truth).abs().max().item() < 1e-4
+
+
+@pytest.mark.cuda
+def test_cuda_current_stream():
+    x, factors, b = make_inputs("sketched", (4,), device="cuda")
+    want = reference("sketched_linear")(x, *factors, b)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = panther.sketched_linear(x, *factors, b)
+    stream.synchronize()
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lowrank", "sketched"])
+@pytest.mark.parametrize("tokens", [4, 300])
+def test_opcheck_cuda(method, tokens):
+    x, factors, b = make_inputs(method, (tokens,), L=2, device="cuda")
+    args = [t.requires_grad_(True) for t in (x, *factors)] + [b]
+    torch.library.opcheck(getattr(panther, f"{method}_linear").default, tuple(args))
+    gy = torch.randn(tokens, 40, device="cuda")
+    torch.library.opcheck(getattr(panther, f"{method}_linear_backward").default,
+                          (gy, x.detach(), *(f.detach() for f in factors), all_needs(method)[0]))
+
+
+def test_info_cli_lists_native_kernels(capsys):
+    from panther_fx.cli.main import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    row = next(line for line in out.splitlines() if line.startswith("lowrank_linear "))
+    assert row.split()[1] == ("yes" if panther_fx.ops.extension_loaded() else "-")
+    assert main(["info", "--json"]) == 0
+    assert '"sketched_linear_backward"' in capsys.readouterr().out
