@@ -163,3 +163,12 @@ def test_cuda(dtype):
         Q, R, piv = cqrrpt(A, generator=13, qrcp_backend=backend)
         assert Q.is_cuda and R.is_cuda and piv.is_cuda
         assert_factorization(A.cpu(), Q.cpu(), R.cpu(), piv.cpu(), rank=N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_refine_brings_orthogonality_to_eps(dtype):
+    A = with_cond(M, N, 1e6, dtype, seed=14)
+    plain = errors(A, *cqrrpt(A, generator=14))[1]
+    Q, R, piv = cqrrpt(A, generator=14, refine=True)
+    assert_factorization(A, Q, R, piv, rank=N, orth_eps=N / 2)
+    assert errors(A, Q, R, piv)[1] < plain / 2

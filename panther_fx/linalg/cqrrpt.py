@@ -95,12 +95,16 @@ def _check(A: Tensor, gamma: float, sketch: str) -> None:
 @torch.no_grad()
 def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
            generator: torch.Generator | int | None = None, rank_tol: float | None = None,
-           qrcp_backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+           qrcp_backend: str = "auto", refine: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Pivoted QR of a tall A (m, n) -> (Q (m, k), R (k, n), piv (n,)) with A[:, piv] ≈ Q @ R.
 
     k is the numerical rank found on the sketch (``rank_tol`` overrides the relative threshold
     :func:`rank_threshold`). Q and R have A's dtype and device; piv is int64. See the module docstring
     for the algorithm; ``sketch`` names the operator S, ``gamma`` sets its d = ⌈γ n⌉ rows.
+
+    ‖QᵀQ − I‖ is O(eps · cond(A_pre)²), and cond(A_pre) is the sketch's distortion, about
+    (1 + √(n/d)) / (1 − √(n/d)): ~18 at γ = 1.25, ~6 at γ = 2. ``refine=True`` adds one more Cholesky QR
+    pass on Q (CholeskyQR2: a Gram and a GEMM, 2 m k² flops each), bringing it to O(eps).
     """
     _check(A, gamma, sketch)
     m, n = A.shape
@@ -121,5 +125,9 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
         L, A_pre = L[:k, :k], A_pre[:, :k]
     Rc = L.mT
     Q = A_pre @ torch.linalg.inv(Rc).to(A.dtype)  # Rc is well conditioned: a GEMM is as accurate as a solve
-    R = (Rc @ R_sk[:k]).to(A.dtype)
-    return Q, R, piv
+    R = Rc @ R_sk[:k]
+    if refine:
+        Rc2 = torch.linalg.cholesky((Q.mT @ Q).double()).mT
+        Q = Q @ torch.linalg.inv(Rc2).to(A.dtype)
+        R = Rc2 @ R
+    return Q, R.to(A.dtype), piv

@@ -1,0 +1,203 @@
+"""panther_fx.linalg against the PyTorch / SciPy routines it replaces: time and accuracy.
+
+    python benchmarks/linalg.py --device cpu                 # moderate CPU sizes (the docs/linalg.md table)
+    python benchmarks/linalg.py --device cuda                # the issue's H100 sizes
+    python benchmarks/linalg.py --device cpu --only fwht,rsvd --reps 5
+
+Tables (times are medians over ``--reps`` runs after one warm-up; CUDA synchronized around each run):
+* rsvd: ``panther_fx.linalg.rsvd`` (gaussian and sparse_sign test matrices) vs ``torch.svd_lowrank`` (same
+  q = rank + 10 columns, niter = 2) and the full ``torch.linalg.svd``; ``err/opt`` is ‖A − U S Vh‖_F over the
+  optimal rank-r error (the full SVD's tail), on A = G₁ diag(i^-1/2) G₂ᵀ (slow decay, the hard case).
+* cqrrpt vs ``torch.linalg.qr`` (Householder, reduced Q and R) and ``scipy.linalg.qr(pivoting=True)`` (CPU):
+  ``rec`` = ‖AP − QR‖/‖A‖, ``orth`` = ‖QᵀQ − I‖_F, both in units of the dtype's eps.
+* sketched_lstsq vs ``torch.linalg.lstsq`` (the default driver; gels on CUDA): residual relative to the best.
+* fwht (``torch.ops.panther.fwht``, native kernel if registered) and the SRHT apply: achieved bandwidth
+  2·bytes/time against the copy roofline measured in the same run (``x.clone()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+from panther_fx.linalg import cqrrpt, make_sketch, rsvd, sketched_lstsq
+from panther_fx.ops import kernel_info
+from panther_fx.ops.linalg import fwht
+
+SIZES = {
+    "cpu": dict(rsvd=(2048, 2048, 64), cqrrpt=(100_000, 200), lstsq=(100_000, 200), fwht=(4096, 1024)),
+    "cuda": dict(rsvd=(8192, 8192, 256), cqrrpt=(262_144, 512), lstsq=(262_144, 512), fwht=(16384, 4096)),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", default="rsvd,cqrrpt,lstsq,fwht", help="comma-separated subset of tables")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    return p.parse_args()
+
+
+def timed(fn: Callable[[], object], reps: int, device: str) -> tuple[float, object]:
+    """Median milliseconds over ``reps`` runs after a warm-up, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def slow_decay(m: int, n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    k = min(m, n)
+    G1 = torch.randn(m, k, generator=g, device=device, dtype=dtype) / math.sqrt(m)
+    G2 = torch.randn(n, k, generator=g, device=device, dtype=dtype) / math.sqrt(n)
+    return (G1 * torch.arange(1, k + 1, device=device, dtype=dtype) ** -0.5) @ G2.t()
+
+
+def bench_rsvd(device: str, reps: int) -> list[list]:
+    m, n, r = SIZES[device]["rsvd"]
+    A = slow_decay(m, n, device, torch.float32)
+    t_svd, (_, S, _) = timed(lambda: torch.linalg.svd(A, full_matrices=False), max(1, reps // 2), device)
+    optimal = S[r:].double().norm().item()
+
+    def err(U, S, Vh):
+        return (torch.linalg.norm(A - (U[:, :r] * S[:r]) @ Vh[:r]).item()) / optimal
+
+    runs = {
+        "torch.linalg.svd (full)": (lambda: torch.linalg.svd(A, full_matrices=False), t_svd),
+        "torch.svd_lowrank q=r+10": (lambda: _svd_lowrank(A, r + 10), None),
+        "rsvd gaussian": (lambda: rsvd(A, r, generator=0), None),
+        "rsvd sparse_sign": (lambda: rsvd(A, r, generator=0, sketch="sparse_sign"), None),
+        "rsvd srht": (lambda: rsvd(A, r, generator=0, sketch="srht"), None),
+    }
+    rows = []
+    for name, (fn, t) in runs.items():
+        if t is None:
+            t, out = timed(fn, reps, device)
+        else:
+            out = fn()
+        rows.append([name, f"{m}x{n} r={r} fp32", f"{t:.1f}", f"{err(*out):.4f}"])
+    return rows
+
+
+def _svd_lowrank(A: torch.Tensor, q: int):
+    U, S, V = torch.svd_lowrank(A, q=q, niter=2)
+    return U, S, V.mT
+
+
+def _qr_errors(A, Q, R, piv=None) -> tuple[float, float]:
+    eps = torch.finfo(A.dtype).eps
+    Ap = A if piv is None else A[:, piv]
+    rec = (torch.linalg.norm(Ap.double() - Q.double() @ R.double()) / torch.linalg.norm(A.double())).item()
+    I = torch.eye(Q.shape[1], device=Q.device, dtype=torch.float64)
+    orth = torch.linalg.norm(Q.double().mT @ Q.double() - I).item()
+    return rec / eps, orth / eps
+
+
+def bench_cqrrpt(device: str, reps: int) -> list[list]:
+    m, n = SIZES[device]["cqrrpt"]
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator(device=device).manual_seed(1)
+        A = torch.randn(m, n, generator=g, device=device, dtype=dtype) * torch.logspace(0, -4, n, device=device, dtype=dtype)
+        label = f"{m}x{n} {str(dtype)[6:]} cond~1e4"
+        t_qr, (Q, R) = timed(lambda: torch.linalg.qr(A), reps, device)
+        rows.append(["torch.linalg.qr (Householder)", label, f"{t_qr:.1f}", "1.0", *_fmt(_qr_errors(A, Q, R)), n])
+        t, (Q, R, piv) = timed(lambda: cqrrpt(A, generator=0), reps, device)
+        rows.append(["cqrrpt sparse_sign", label, f"{t:.1f}", f"{t_qr / t:.1f}", *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
+        if device == "cpu":
+            rows.append(_scipy_qrcp(A, label, t_qr))
+    return rows
+
+
+def _scipy_qrcp(A: torch.Tensor, label: str, t_qr: float) -> list:
+    try:
+        import scipy.linalg
+    except ImportError:
+        return ["scipy.linalg.qr pivoting", label, "n/a (no scipy)", "", "", "", ""]
+    a = A.numpy()
+    start = time.perf_counter()
+    Q, R, piv = scipy.linalg.qr(a, mode="economic", pivoting=True)
+    t = (time.perf_counter() - start) * 1e3  # one run: it is the slow baseline
+    errs = _qr_errors(A, torch.from_numpy(Q), torch.from_numpy(R), torch.from_numpy(piv))
+    return ["scipy.linalg.qr pivoting (1 run)", label, f"{t:.1f}", f"{t_qr / t:.2f}", *_fmt(errs), R.shape[0]]
+
+
+def _fmt(errs: tuple[float, float]) -> list[str]:
+    return [f"{e:.1f}" for e in errs]
+
+
+def bench_lstsq(device: str, reps: int) -> list[list]:
+    m, n = SIZES[device]["lstsq"]
+    g = torch.Generator(device=device).manual_seed(2)
+    rows = []
+    for cond_exp in (0, 6):
+        A = torch.randn(m, n, generator=g, device=device, dtype=torch.float64)
+        A = A * torch.logspace(0, -cond_exp, n, device=device, dtype=torch.float64)
+        b = A @ torch.randn(n, generator=g, device=device, dtype=torch.float64)
+        b = b + 1e-3 * torch.randn(m, generator=g, device=device, dtype=torch.float64)
+        label = f"{m}x{n} fp64 col-scale 1e-{cond_exp}"
+        t_ref, x_ref = timed(lambda: torch.linalg.lstsq(A, b[:, None]).solution[:, 0], reps, device)
+        best = torch.linalg.norm(A @ x_ref - b).item()
+        rows.append(["torch.linalg.lstsq", label, f"{t_ref:.1f}", "0"])
+        for method in ("precondition", "sketch"):
+            t, x = timed(lambda: sketched_lstsq(A, b, method=method, generator=0), reps, device)
+            excess = torch.linalg.norm(A @ x - b).item() / best - 1
+            rows.append([f"sketched_lstsq {method}", label, f"{t:.1f}", f"{excess:.1e}"])
+    return rows
+
+
+def bench_fwht(device: str, reps: int) -> list[list]:
+    rows_, n = SIZES[device]["fwht"]
+    x = torch.randn(rows_, n, device=device)
+    nbytes = 2 * x.numel() * x.element_size()  # read + write
+    t_copy, _ = timed(lambda: x.clone(), reps, device)
+    copy_bw = nbytes / t_copy / 1e6
+    out = [["copy (x.clone())", f"{rows_}x{n} fp32", f"{t_copy:.2f}", f"{copy_bw:.1f}", "100%"]]
+    t, _ = timed(lambda: fwht(x), reps, device)
+    out.append(["panther::fwht", f"{rows_}x{n} fp32", f"{t:.2f}", f"{nbytes / t / 1e6:.1f}", f"{100 * t_copy / t:.0f}%"])
+    S = make_sketch("srht", n // 8, n, generator=0, device=device)
+    t, _ = timed(lambda: S.apply(x, dim=-1), reps, device)
+    out.append(["SRHT apply d=n/8", f"{rows_}x{n} fp32", f"{t:.2f}", f"{nbytes / t / 1e6:.1f}", f"{100 * t_copy / t:.0f}%"])
+    return out
+
+
+TABLES = {
+    "rsvd": (bench_rsvd, ["method", "problem", "ms", "err/opt"]),
+    "cqrrpt": (bench_cqrrpt, ["method", "problem", "ms", "x vs torch qr", "rec/eps", "orth/eps", "rank"]),
+    "lstsq": (bench_lstsq, ["method", "problem", "ms", "residual/best - 1"]),
+    "fwht": (bench_fwht, ["kernel", "tensor", "ms", "GB/s", "of copy"]),
+}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = kernel_info()
+    device_name = info["device"] if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, device {device_name}, threads {torch.get_num_threads()}, "
+          f"extension {info['extension']}")
+    for name in args.only.split(","):
+        fn, headers = TABLES[name]
+        print(f"\n## {name}\n")
+        print(tabulate(fn(args.device, args.reps), headers=headers, tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
