@@ -2,3 +2,4 @@
 
 from .linear import LowRankLinear, SKLinear
 from .conv import LowRankConv2d, SKConv2d
+from .attention import RandMultiheadAttention

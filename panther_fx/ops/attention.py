@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["performer_attention", "performer_attention_reference", "causal_product", "CAUSAL_CHUNK", "EPS",
+__all__ = ["performer_attention", "performer_attention_op", "performer_attention_reference", "performer_multi_head_attention", "causal_product",
+           "anticausal_product", "CAUSAL_CHUNK", "EPS",
            "KERNELS"]
 
 KERNELS = ("softmax", "relu")
@@ -209,29 +210,40 @@ def performer_attention_reference(q: Tensor, k: Tensor, v: Tensor, features: Ten
 
 
 # ---- the op ----------------------------------------------------------------------------------------------
+# The schema calls the kernel argument ``kernel_fn``: Inductor's FallbackKernel.create(kernel, ...) takes
+# ``kernel`` as its own first parameter, so a custom op keyword named ``kernel`` cannot be lowered.
 @torch.library.custom_op("panther::performer_attention", mutates_args=())
-def performer_attention(q: Tensor, k: Tensor, v: Tensor, features: Tensor,
-                        key_padding_mask: Optional[Tensor] = None, *, kernel: str = "softmax",
-                        causal: bool = False, scale: Optional[float] = None) -> Tensor:
+def performer_attention_op(q: Tensor, k: Tensor, v: Tensor, features: Tensor,
+                           key_padding_mask: Optional[Tensor] = None, *, kernel_fn: str = "softmax",
+                           causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """``torch.ops.panther.performer_attention``; see :func:`performer_attention`."""
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    with torch.no_grad():
+        return _forward_parts(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)[0].to(q.dtype)
+
+
+def performer_attention(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_padding_mask: Optional[Tensor] = None,
+                        *, kernel: str = "softmax", causal: bool = False, scale: Optional[float] = None) -> Tensor:
     """FAVOR+ attention: q (B, H, Lq, d), k (B, H, Lk, d), v (B, H, Lk, dv), features (m, d),
     key_padding_mask (B, Lk) bool (True = ignore) or float (additive) -> (B, H, Lq, dv) in q's dtype.
 
-    out = φ(Q)(φ(K)ᵀV) / (φ(Q)Σφ(K)), causal over prefixes when ``causal``; see the module docstring.
+    out = φ(Q)(φ(K)ᵀV) / (φ(Q)Σφ(K)), causal over prefixes when ``causal``; ``kernel`` is "softmax" or
+    "relu"; ``scale`` defaults to 1/√d. Calls ``torch.ops.panther.performer_attention`` (whose schema names
+    the kernel argument ``kernel_fn``); see the module docstring for the numerics.
     """
-    _check(q, k, v, features, key_padding_mask, kernel, causal)
-    with torch.no_grad():
-        return _forward_parts(q, k, v, features, key_padding_mask, kernel, causal, scale)[0].to(q.dtype)
+    return torch.ops.panther.performer_attention(q, k, v, features, key_padding_mask, kernel_fn=kernel,
+                                                 causal=causal, scale=scale)
 
 
-@performer_attention.register_fake
-def _(q, k, v, features, key_padding_mask=None, *, kernel="softmax", causal=False, scale=None):
-    _check(q, k, v, features, key_padding_mask, kernel, causal)
+@performer_attention_op.register_fake
+def _(q, k, v, features, key_padding_mask=None, *, kernel_fn="softmax", causal=False, scale=None):
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
 def _setup(ctx, inputs, keyword_only_inputs, output):
     q, k, v, features, key_padding_mask = (tuple(inputs) + (None,))[:5]
-    ctx.kernel = keyword_only_inputs.get("kernel", "softmax")
+    ctx.kernel = keyword_only_inputs.get("kernel_fn", "softmax")
     ctx.causal = keyword_only_inputs.get("causal", False)
     ctx.scale = keyword_only_inputs.get("scale", None)
     ctx.save_for_backward(q, k, v, features, key_padding_mask)
@@ -270,4 +282,54 @@ def _backward(ctx, g_out):
     return grads[:len(ctx.needs_input_grad)]
 
 
-performer_attention.register_autograd(_backward, setup_context=_setup)
+performer_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- multi-head attention (functional) -------------------------------------------------------------------
+def _in_projection(query: Tensor, key: Tensor, value: Tensor, in_proj_weight: Optional[Tensor],
+                   in_proj_bias: Optional[Tensor], q_proj_weight: Optional[Tensor], k_proj_weight: Optional[Tensor],
+                   v_proj_weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v projections as ``F.multi_head_attention_forward`` computes them (one GEMM for self-attention)."""
+    F = torch.nn.functional
+    b_q = b_k = b_v = None
+    if in_proj_bias is not None:
+        b_q, b_k, b_v = in_proj_bias.chunk(3)
+    if in_proj_weight is None:
+        return F.linear(query, q_proj_weight, b_q), F.linear(key, k_proj_weight, b_k), F.linear(value, v_proj_weight, b_v)
+    if query is key and key is value:
+        return F.linear(query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+    w_q, w_k, w_v = in_proj_weight.chunk(3)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def performer_multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int,
+                                   in_proj_weight: Optional[Tensor], in_proj_bias: Optional[Tensor],
+                                   out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], features: Tensor,
+                                   key_padding_mask: Optional[Tensor] = None, *, kernel: str = "softmax",
+                                   causal: bool = False, q_proj_weight: Optional[Tensor] = None,
+                                   k_proj_weight: Optional[Tensor] = None, v_proj_weight: Optional[Tensor] = None,
+                                   dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``F.multi_head_attention_forward`` with Performer attention, on sequence-first inputs.
+
+    query (L, N, E), key (S, N, kdim), value (S, N, vdim), packed ``in_proj_weight`` (3E, E) or separate
+    q/k/v projection weights, features (m, E/num_heads), key_padding_mask (N, S) bool (True = ignore) or float
+    (additive) -> (L, N, E).
+
+    Dropout (training only) zeroes whole keys in the numerator, independently per batch and head, and
+    rescales by 1/(1 − p); the denominator keeps every key. In expectation this equals attention dropout with
+    one mask per key shared by all queries (per-entry dropout has no linear-time form).
+    """
+    L, N, E = query.shape
+    S = key.shape[0]
+    head_dim = E // num_heads
+    q, k, v = _in_projection(query, key, value, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
+                             v_proj_weight)
+    q = q.reshape(L, N, num_heads, head_dim).permute(1, 2, 0, 3)
+    k = k.reshape(S, N, num_heads, head_dim).permute(1, 2, 0, 3)
+    v = v.reshape(S, N, num_heads, head_dim).permute(1, 2, 0, 3)
+    if training and dropout_p > 0.0:
+        keep = torch.nn.functional.dropout(v.new_ones(N, num_heads, S, 1), p=dropout_p, training=True)
+        v = v * keep
+    out = performer_attention(q, k, v, features, key_padding_mask, kernel=kernel, causal=causal)
+    out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+    return torch.nn.functional.linear(out, out_proj_weight, out_proj_bias)

@@ -13,6 +13,7 @@ from ..report import Report
 from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, module_path
 from .linear import LINEAR_TARGETS, LinearPlan, factorize_linear, plan_linear, rewrite_linear
 from .conv2d import CONV2D_TARGETS, ConvPlan, factorize_conv2d, plan_conv2d, rewrite_conv2d
+from .attention import rewrite_attention
 
 __all__ = [
     "FactorCache", "LINEAR_TARGETS", "PASSES", "RewriteContext", "StaleFactorGuard", "TrainingRewriteError",
@@ -20,7 +21,7 @@ __all__ = [
     "CONV2D_TARGETS", "ConvPlan", "factorize_conv2d", "plan_conv2d",
 ]
 
-PASSES: list[Callable[[RewriteContext], None]] = [rewrite_linear, rewrite_conv2d]
+PASSES: list[Callable[[RewriteContext], None]] = [rewrite_linear, rewrite_conv2d, rewrite_attention]
 
 
 def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) -> Report:

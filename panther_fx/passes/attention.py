@@ -1,0 +1,305 @@
+"""Rewrite attention nodes the policy selects (``op = "attention"``, ``method = "performer"``) into
+``torch.ops.panther.performer_attention``.
+
+Two targets:
+
+- ``torch._C._nn.scaled_dot_product_attention`` (HF BERT and most hand-written attention): ``is_causal`` is
+  honoured; an ``attn_mask`` is accepted only when it provably does not depend on the query (or head)
+  index, i.e. it is a key-padding mask broadcast to (B, 1, Lq, Lk). The proof follows the mask's producers:
+  shapes with size 1 in those dims, elementwise ops and ``expand``/``to`` of such tensors, and
+  sub-graphs with no graph inputs, which are evaluated at compile time and checked.
+- ``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` under Dynamo, either ``batch_first``: the
+  transposes sit outside the node), with a bool or float ``key_padding_mask`` and ``is_causal``.
+
+Anything that cannot be linearized stays exact and the report says why. No parameters are created (the
+feature matrix is a buffer drawn from ``layer_generator(seed, path)``), so gradients still reach the q/k/v
+projections and training through the backend works.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..linalg import layer_generator
+from ..linalg.features import orthogonal_features
+from ..ops.attention import CAUSAL_CHUNK, performer_multi_head_attention
+from ..policy import Decision
+from ..report import LayerReport
+from .common import RewriteContext, module_path
+
+__all__ = ["SDPA_TARGETS", "MHA_TARGETS", "attention_flop_ratio", "rewrite_attention"]
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention,)
+MHA_TARGETS = (F.multi_head_attention_forward,)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+# Ops that map row-independent operands to a row-independent result (broadcasting elementwise).
+_ELEMENTWISE_FUNCTIONS = {
+    operator.and_, operator.or_, operator.xor, operator.invert, operator.not_, operator.neg, operator.add,
+    operator.sub, operator.mul, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.logical_and, torch.logical_or, torch.logical_not, torch.where, torch.masked_fill,
+}
+_PASSTHROUGH_METHODS = {"to", "expand", "expand_as", "contiguous", "bool", "float", "half", "bfloat16",
+                        "type_as", "logical_not", "__invert__", "masked_fill", "__and__", "__or__", "mul",
+                        "add", "sub", "eq", "ne"}
+
+
+# ---- helpers executed inside the rewritten graph ----------------------------------------------------------
+def sdpa_key_padding(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A query-independent SDPA ``attn_mask`` (broadcastable to (B, H, Lq, Lk)) as the op's (B, Lk) key mask.
+
+    SDPA bool masks mean True = attend, the op's bool masks True = ignore; float masks are additive in both.
+    """
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    keys = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1])
+    return ~keys if keys.dtype == torch.bool else keys
+
+
+def performer_mha_node(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`performer_multi_head_attention` with ``F.multi_head_attention_forward``'s (output, weights) result."""
+    return performer_multi_head_attention(*args, **kwargs), None
+
+
+# ---- analysis ---------------------------------------------------------------------------------------------
+def _meta(node: Any) -> Optional[torch.Tensor]:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _static(*sizes: Any) -> bool:
+    return all(type(s) is int for s in sizes)
+
+
+def attention_flop_ratio(heads_lq_lk_d: tuple[int, int, int, int], dv: int, features: int, causal: bool) -> float:
+    """Performer / exact multiply-adds for one head: exact Lq·Lk·(d + dv) (half when causal); Performer
+    (Lq + Lk)·m·d for the features plus m·(dv + 1) per token for the products (+ the C×C blocks when causal)."""
+    _, Lq, Lk, d = heads_lq_lk_d
+    exact = Lq * Lk * (d + dv) / (2 if causal else 1)
+    performer = (Lq + Lk) * features * (d + dv + 1)
+    if causal:
+        performer += Lq * min(CAUSAL_CHUNK, Lq) * (features + dv + 1) / 2
+    return performer / exact
+
+
+class _MaskProver:
+    """Decides whether a mask node's value is the same for every query and head (a key-padding mask)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._constant: dict[fx.Node, bool] = {}
+        self._values: dict[fx.Node, Any] = {}
+
+    def is_constant(self, node: Any) -> bool:
+        """No graph input among the ancestors (so the value can be computed now)."""
+        if not isinstance(node, fx.Node):
+            return True
+        if node not in self._constant:
+            if node.op == "placeholder":
+                self._constant[node] = False
+            elif node.op == "get_attr":
+                self._constant[node] = True
+            else:
+                self._constant[node] = all(self.is_constant(a) for a in node.all_input_nodes)
+        return self._constant[node]
+
+    def evaluate(self, node: Any) -> Any:
+        if not isinstance(node, fx.Node):
+            return node
+        if node not in self._values:
+            args = fx.node.map_arg(node.args, self.evaluate)
+            kwargs = fx.node.map_arg(node.kwargs, self.evaluate)
+            if node.op == "get_attr":
+                value = getattr(self.gm, node.target)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                raise ValueError(f"cannot evaluate {node.op} node {node.name}")
+            self._values[node] = value
+        return self._values[node]
+
+    def query_independent(self, node: Any, depth: int = 0) -> bool:
+        if not isinstance(node, fx.Node):
+            return True  # a Python scalar broadcasts
+        value = _meta(node)
+        if value is not None:
+            shape = (1,) * max(0, 4 - value.dim()) + tuple(value.shape)
+            if value.dim() <= 4 and shape[1] == 1 and shape[2] == 1:
+                return True
+        if depth > 32:
+            return False
+        if self.is_constant(node):
+            with torch.no_grad():
+                try:
+                    const = self.evaluate(node)
+                except Exception:  # noqa: BLE001 - an unevaluable sub-graph is simply not a proof
+                    return False
+            if not isinstance(const, torch.Tensor):
+                return True
+            full = const.reshape((1,) * max(0, 4 - const.dim()) + tuple(const.shape))
+            return bool((full == full[:, :1, :1, :]).all())
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            return all(self.query_independent(a, depth + 1) for a in (*node.args, *node.kwargs.values()))
+        if node.op == "call_method" and node.target in _PASSTHROUGH_METHODS:
+            return all(self.query_independent(a, depth + 1) for a in (*node.args, *node.kwargs.values())
+                       if isinstance(a, fx.Node))
+        return False
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------
+def _dense(ctx: RewriteContext, decision: Decision, shape: tuple, reason: str) -> None:
+    ctx.record(decision, LayerReport(decision.path, "attention", "dense", shape, "dense", reason=reason))
+
+
+def _features(ctx: RewriteContext, decision: Decision, head_dim: int, like: torch.Tensor) -> fx.Node:
+    W = orthogonal_features(decision.features, head_dim, generator=layer_generator(decision.seed, decision.path),
+                            device=like.device)
+    return ctx.add_constant(f"{decision.path}_features", W)
+
+
+def _rewritten(ctx: RewriteContext, decision: Decision, shape: tuple, dv: int, causal: bool) -> None:
+    ratio = attention_flop_ratio(shape, dv, decision.features, causal) if _static(*shape, dv) else None
+    reason = f"kernel={decision.kernel}" + (", causal" if causal else "")
+    ctx.record(decision, LayerReport(decision.path, "attention", "performer", shape, "rewritten", reason=reason,
+                                     rank=decision.features, flop_ratio=ratio))
+
+
+def _sdpa_args(node: fx.Node) -> dict[str, Any]:
+    args = dict(_SDPA_DEFAULTS)
+    args.update(zip(_SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _sdpa_refusal(args: dict[str, Any], q, k, v, prover: _MaskProver) -> Optional[str]:
+    if args["enable_gqa"]:
+        return "enable_gqa=True (grouped-query attention) is not supported by the Performer op"
+    if not isinstance(args["dropout_p"], (int, float)) or args["dropout_p"] != 0:
+        return f"dropout_p = {args['dropout_p']} (training): attention dropout has no Performer equivalent"
+    if q is None or k is None or v is None or not (q.dim() == k.dim() == v.dim() == 4):
+        return "query/key/value are not (B, H, L, d) tensors"
+    if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], float)):
+        return "is_causal/scale are computed in the graph"
+    if args["is_causal"] and args["attn_mask"] is not None:
+        return "attn_mask together with is_causal"
+    if args["is_causal"] and q.shape[2] != k.shape[2]:
+        return f"is_causal with {q.shape[2]} queries and {k.shape[2]} keys (top-left causal alignment)"
+    mask = args["attn_mask"]
+    if mask is not None and not prover.query_independent(mask):
+        shape = tuple(_meta(mask).shape) if _meta(mask) is not None else "?"
+        return (f"attn_mask of shape {shape} is not provably a key-padding mask (it may depend on the query); "
+                "arbitrary masks cannot be linearized")
+    return None
+
+
+def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> None:
+    args = _sdpa_args(node)
+    path = module_path(node)
+    decision = ctx.policy.decide(path, "attention")
+    q, k, v = (_meta(args[n]) for n in ("query", "key", "value"))
+    shape = (q.shape[1], q.shape[2], k.shape[2], q.shape[3]) if q is not None and k is not None and q.dim() == 4 else ()
+    if not decision.rewrites:
+        return _dense(ctx, decision, shape, decision.reason)
+    refusal = _sdpa_refusal(args, q, k, v, prover)
+    if refusal:
+        return _dense(ctx, decision, shape, refusal)
+    graph = ctx.gm.graph
+    with graph.inserting_before(node):
+        features = _features(ctx, decision, q.shape[3], q)
+        mask = None
+        if args["attn_mask"] is not None:
+            mask = graph.call_function(sdpa_key_padding, (args["attn_mask"], args["query"]))
+        new = graph.call_function(torch.ops.panther.performer_attention.default,
+                                  (args["query"], args["key"], args["value"], features, mask),
+                                  {"kernel_fn": decision.kernel, "causal": args["is_causal"], "scale": args["scale"]})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.gm.graph.erase_node(node)
+    _rewritten(ctx, decision, shape, v.shape[3], args["is_causal"])
+
+
+def _weights_used(node: fx.Node) -> bool:
+    """Whether anything reads the attention weights (output [1]) of an MHA node."""
+    for user in node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+            return True
+        if user.args[1] == 1 and user.users:
+            return True
+    return False
+
+
+def _mha_refusal(a: dict[str, Any], node: fx.Node, query) -> Optional[str]:
+    checks = (
+        (a["bias_k"] is not None or a["bias_v"] is not None, "bias_k/bias_v (add_bias_kv=True)"),
+        (a["add_zero_attn"] is not False, "add_zero_attn=True"),
+        (a["use_separate_proj_weight"] is not False, "separate q/k/v projection weights (kdim/vdim != embed_dim)"),
+        (a["static_k"] is not None or a["static_v"] is not None, "static_k/static_v"),
+        (a["training"] is not False and a["dropout_p"] != 0,
+         f"dropout={a['dropout_p']} in training: attention dropout has no exact Performer equivalent"),
+        (a["need_weights"] is not False and _weights_used(node),
+         "need_weights=True and the attention weights are used (Performer never forms them)"),
+        (a["attn_mask"] is not None and a["is_causal"] is not True,
+         "attn_mask cannot be linearized (use key_padding_mask for padding, is_causal for causal masks)"),
+        (query is None or query.dim() != 3, "unbatched input"),
+        (not isinstance(a["num_heads"], int) or not isinstance(a["is_causal"], bool), "num_heads/is_causal are not constants"),
+    )
+    return next((reason for failed, reason in checks if failed), None)
+
+
+def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
+    a = _MHA_SIGNATURE.bind(*node.args, **node.kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    path = module_path(node)
+    decision = ctx.policy.decide(path, "attention")
+    query, key = _meta(a["query"]), _meta(a["key"])
+    shape = ()
+    if query is not None and key is not None and query.dim() == 3 and isinstance(a["num_heads"], int):
+        shape = (a["num_heads"], query.shape[0], key.shape[0], query.shape[2] // a["num_heads"])
+    if not decision.rewrites:
+        return _dense(ctx, decision, shape, decision.reason)
+    refusal = _mha_refusal(a, node, query)
+    if refusal:
+        return _dense(ctx, decision, shape, refusal)
+    causal = a["is_causal"]
+    if causal and query.shape[0] != key.shape[0]:
+        return _dense(ctx, decision, shape, f"is_causal with {query.shape[0]} queries and {key.shape[0]} keys")
+    graph = ctx.gm.graph
+    with graph.inserting_before(node):
+        features = _features(ctx, decision, shape[3], query)
+        new = graph.call_function(
+            performer_mha_node,
+            (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
+             a["out_proj_weight"], a["out_proj_bias"], features, a["key_padding_mask"]),
+            {"kernel": decision.kernel, "causal": causal})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    _rewritten(ctx, decision, shape, shape[3], causal)
+
+
+def rewrite_attention(ctx: RewriteContext) -> None:
+    """Rewrite every SDPA and ``F.multi_head_attention_forward`` node the policy sends to ``performer``."""
+    prover = _MaskProver(ctx.gm)
+    for node in list(ctx.gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_TARGETS:
+            _rewrite_sdpa(ctx, node, prover)
+        elif node.target in MHA_TARGETS:
+            _rewrite_mha(ctx, node)
+        elif node.target is torch._transformer_encoder_layer_fwd:
+            path = module_path(node)
+            _dense(ctx, ctx.policy.decide(path, "attention"), (),
+                   "nn.TransformerEncoderLayer fast path (eval, no grad) fuses attention away; call "
+                   "torch.backends.mha.set_fastpath_enabled(False) before compiling to rewrite it")
