@@ -33,17 +33,19 @@ def _generator(seed: Seed) -> torch.Generator:
     return as_generator(seed)
 
 
+# Draws happen on the (CPU) generator's device and are then moved, so a seed gives the same layer everywhere.
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator, *, device, dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator).to(device)
+
+
 def _linear_like_weight(out_features: int, in_features: int, generator: torch.Generator, **factory) -> Tensor:
-    """An (O, I) weight drawn as ``nn.Linear`` draws it: kaiming_uniform(a=√5), i.e. U(±1/√I)."""
-    W = torch.empty(out_features, in_features, **factory)
-    nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
-    return W
+    """An (O, I) weight drawn as ``nn.Linear`` draws it: kaiming_uniform(a=√5) = U(±1/√I)."""
+    return _uniform((out_features, in_features), 1.0 / math.sqrt(in_features), generator, **factory)
 
 
 def _linear_like_bias(out_features: int, in_features: int, generator: torch.Generator, **factory) -> Tensor:
     """An (O,) bias drawn as ``nn.Linear`` draws it: U(±1/√I) (Panther used 1/√O)."""
-    bound = 1.0 / math.sqrt(in_features)
-    return torch.empty(out_features, **factory).uniform_(-bound, bound, generator=generator)
+    return _uniform((out_features,), 1.0 / math.sqrt(in_features), generator, **factory)
 
 
 def _copy_bias(linear: nn.Linear) -> Tensor | None:
@@ -159,7 +161,7 @@ class LowRankLinear(nn.Module):
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
         generator = _generator(seed)
         a = math.sqrt(3.0 / rank)
-        A = torch.empty(out_features, rank, **factory).uniform_(-a, a, generator=generator)
+        A = _uniform((out_features, rank), a, generator, **factory)
         B = _linear_like_weight(rank, in_features, generator, **factory)
         b = _linear_like_bias(out_features, in_features, generator, **factory) if bias else None
         self._set_factors(A, B, b)
