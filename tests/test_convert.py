@@ -293,3 +293,15 @@ def test_hf_llama_convert_train_step_and_state_dict():
     fresh.load_state_dict(model.state_dict(), strict=True)
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_linear_subclass_is_reported_dense_or_refused():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(32, 32))
+    report = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 4}})
+    assert type(model[0]) is Scaled and report[0].status == "dense" and "Scaled subclasses nn.Linear" in report[0].reason
+    with pytest.raises(ConversionError, match="rule 1 .* selects '0' \\(Scaled\\)"):
+        panther_fx.convert(model, {"rule": [{"match": "0", "rank": 4}]})

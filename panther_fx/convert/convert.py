@@ -105,15 +105,26 @@ def _dense_row(row: LayerReport, reason: str) -> LayerReport:
     return LayerReport(row.path, row.op, "dense", row.shape, "dense", reason=reason, params_before=n, params_after=n)
 
 
-def refuse_mha_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
-    """``nn.MultiheadAttention.out_proj``: MHA reads its weight directly, so it cannot be swapped alone."""
+def _refuse_linear(ctx: ConvertContext, path: str, module: nn.Module, why: str) -> Converted:
+    """Report a Linear that stays dense although the policy selects it; an error if a rule names it."""
     plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
-    why = "it is nn.MultiheadAttention's out_proj, whose weight MHA reads directly (use op = 'attention')"
     if _named_by_rule(plan.decision):
         raise ctx.rule_error(plan.decision, module, why)
     if plan.factors is None:
         return Converted(None, plan.decision, plan.report)
     return Converted(None, plan.decision, _dense_row(plan.report, why))
+
+
+def refuse_mha_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """``nn.MultiheadAttention.out_proj``: MHA reads its weight directly, so it cannot be swapped alone."""
+    return _refuse_linear(ctx, path, module, "it is nn.MultiheadAttention's out_proj, whose weight MHA reads "
+                                             "directly (use op = 'attention')")
+
+
+def refuse_linear_subclass(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """A subclass of nn.Linear without its own converter: its forward may compute something else."""
+    return _refuse_linear(ctx, path, module, f"{type(module).__name__} subclasses nn.Linear and may compute "
+                                             "something else in forward; register a converter in CONVERTERS")
 
 
 CONVERTERS: dict[type[nn.Module], Converter] = {
@@ -157,6 +168,8 @@ def _walk(ctx: ConvertContext, parent: nn.Module, prefix: str, done: dict[int, n
                 setattr(parent, name, done[id(child)])
             continue
         converter = CONVERTERS.get(type(child))
+        if converter is None and isinstance(child, nn.Linear):
+            converter = refuse_linear_subclass
         result = converter(ctx, path, child) if converter is not None else Converted(None)
         if converter is None and result.module is None:
             rule = _explicit_rule(ctx.policy, path)
