@@ -74,15 +74,16 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
     decision = plan.decision
     if decision.rule_index is not None and ctx.calibration is None:
-        rule = ctx.policy.rules[decision.rule_index - 1]
-        if rule.settings.get("method", ctx.policy.defaults.get("method")) == "asvd":
-            raise ctx.rule_error(decision, module, "method 'asvd' needs calibration batches: convert(..., calibration=...)")
+        O, I = module.weight.shape
+        wanted = ctx.policy.decide(path, "linear", in_features=I, out_features=O)
+        if wanted.method == "asvd":  # plan_linear turned it dense for lack of calibration batches
+            raise ctx.rule_error(wanted, module, "method 'asvd' needs calibration batches: convert(..., calibration=...)")
     if plan.factors is None:
         return Converted(None, decision, plan.report)
     tied = _tied_elsewhere(ctx, module)
     if tied:
         why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
-        if _named_by_rule(decision) and decision.origin != "defaults":
+        if _named_by_rule(decision):
             raise ctx.rule_error(decision, module, why)
         return Converted(None, decision, _dense_row(plan.report, why))
     bias = None if module.bias is None else module.bias.detach()
