@@ -226,6 +226,25 @@ def test_modules_train_and_report_shapes():
         LowRankConv2d(8, 16, 3, groups=2, rank=5)
 
 
+def test_modules_compile_train_and_export():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    for module in (LowRankConv2d(8, 16, 3, padding="same", groups=2, rank=8, seed=0),
+                   SKConv2d(8, 16, 3, stride=2, padding=1, num_terms=1, low_rank=4, seed=0)):
+        expected = module(x)
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        y = compiled(x)
+        torch.testing.assert_close(y, expected)
+        y.sum().backward()  # the op's autograd formula, traced by AOTAutograd
+        grads = [p.grad.clone() for p in module.parameters()]
+        module.zero_grad()
+        expected.sum().backward()
+        for got, want in zip(grads, (p.grad for p in module.parameters())):
+            torch.testing.assert_close(got, want)
+        exported = torch.export.export(module, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+
+
 # ---- backend rewrite ------------------------------------------------------------------------------------
 
 class Block(nn.Module):
