@@ -95,8 +95,8 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]
 def _working_set_gib(method: str, B: int, H: int, L: int, d: int, m: int, causal: bool, itemsize: int) -> float:
     """Rough largest live intermediate: the L×L scores for math SDPA on CPU, the (L, m, dv) prefix sums of the
     plain causal Performer, the features otherwise."""
-    if method == "plain" and causal:
-        return B * H * L * m * d * itemsize / 2**30
+    if method == "plain" and causal:  # the outer products, their cumsum and the batched matmul's copy
+        return 3 * B * H * L * m * d * itemsize / 2**30
     if method == "sdpa":
         return 0.0
     return B * H * L * (m + 2 * d) * 4 / 2**30

@@ -33,9 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["performer_attention", "performer_attention_op", "performer_attention_reference", "performer_multi_head_attention", "causal_product",
-           "anticausal_product", "CAUSAL_CHUNK", "EPS",
-           "KERNELS"]
+__all__ = ["performer_attention", "performer_attention_op", "performer_attention_reference",
+           "performer_multi_head_attention", "causal_product", "anticausal_product", "CAUSAL_CHUNK", "EPS", "KERNELS"]
 
 KERNELS = ("softmax", "relu")
 CAUSAL_CHUNK = 128
@@ -65,7 +64,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_padding_mask: 
                  lambda: f"{name}: q and features must be floating point, got {q.dtype}, {features.dtype}")
     if causal:
         torch._check(q.shape[2] == k.shape[2],
-                     lambda: f"{name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+                     lambda: f"{name}: causal attention needs as many queries as keys, "
+                             f"got {q.shape[2]} and {k.shape[2]}")
     if key_padding_mask is not None:
         torch._check(key_padding_mask.shape == (k.shape[0], k.shape[2]),
                      lambda: f"{name}: key_padding_mask must be (B, Lk) = ({k.shape[0]}, {k.shape[2]}), "
@@ -295,7 +295,8 @@ def _in_projection(query: Tensor, key: Tensor, value: Tensor, in_proj_weight: Op
     if in_proj_bias is not None:
         b_q, b_k, b_v = in_proj_bias.chunk(3)
     if in_proj_weight is None:
-        return F.linear(query, q_proj_weight, b_q), F.linear(key, k_proj_weight, b_k), F.linear(value, v_proj_weight, b_v)
+        return (F.linear(query, q_proj_weight, b_q), F.linear(key, k_proj_weight, b_k),
+                F.linear(value, v_proj_weight, b_v))
     if query is key and key is value:
         return F.linear(query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
     w_q, w_k, w_v = in_proj_weight.chunk(3)

@@ -129,8 +129,8 @@ class _MaskProver:
         return self._values[node]
 
     def query_independent(self, node: Any, depth: int = 0) -> bool:
-        if not isinstance(node, fx.Node):
-            return True  # a Python scalar broadcasts
+        if not isinstance(node, fx.Node) or not isinstance(node.meta.get("example_value"), torch.Tensor):
+            return True  # a Python or symbolic scalar broadcasts
         value = _meta(node)
         if value is not None:
             shape = (1,) * max(0, 4 - value.dim()) + tuple(value.shape)
@@ -251,7 +251,8 @@ def _mha_refusal(a: dict[str, Any], node: fx.Node, query) -> Optional[str]:
         (a["attn_mask"] is not None and a["is_causal"] is not True,
          "attn_mask cannot be linearized (use key_padding_mask for padding, is_causal for causal masks)"),
         (query is None or query.dim() != 3, "unbatched input"),
-        (not isinstance(a["num_heads"], int) or not isinstance(a["is_causal"], bool), "num_heads/is_causal are not constants"),
+        (not isinstance(a["num_heads"], int) or not isinstance(a["is_causal"], bool),
+         "num_heads/is_causal are not constants"),
     )
     return next((reason for failed, reason in checks if failed), None)
 
