@@ -34,6 +34,7 @@ from panther_fx.ops.linalg import fwht
 SIZES = {
     "cpu": dict(rsvd=(2048, 2048, 64), cqrrpt=(100_000, 200), lstsq=(100_000, 200), fwht=(4096, 1024)),
     "cuda": dict(rsvd=(8192, 8192, 256), cqrrpt=(262_144, 512), lstsq=(262_144, 512), fwht=(16384, 4096)),
+    "smoke": dict(rsvd=(256, 200, 16), cqrrpt=(4000, 40), lstsq=(4000, 40), fwht=(64, 256)),
 }
 
 
@@ -43,14 +44,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default="rsvd,cqrrpt,lstsq,fwht", help="comma-separated subset of tables")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     return p.parse_args()
 
 
+_SMOKE = False
+
+
+def _sizes(device: str) -> str:
+    return "smoke" if _SMOKE else device
+
+
 def timed(fn: Callable[[], object], reps: int, device: str) -> tuple[float, object]:
-    """Median milliseconds over ``reps`` runs after a warm-up, and the last result."""
-    out = fn()
+    """Median milliseconds over ``reps`` runs after a warm-up (``reps=0``: one cold run), and the last result."""
+    out = None if reps == 0 else fn()
     times = []
-    for _ in range(reps):
+    for _ in range(max(reps, 1)):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -70,16 +79,16 @@ def slow_decay(m: int, n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def bench_rsvd(device: str, reps: int) -> list[list]:
-    m, n, r = SIZES[device]["rsvd"]
+    m, n, r = SIZES[_sizes(device)]["rsvd"]
     A = slow_decay(m, n, device, torch.float32)
-    t_svd, (_, S, _) = timed(lambda: torch.linalg.svd(A, full_matrices=False), max(1, reps // 2), device)
-    optimal = S[r:].double().norm().item()
+    t_svd, full = timed(lambda: torch.linalg.svd(A, full_matrices=False), 0, device)  # slow: one run
+    optimal = full[1][r:].double().norm().item()
 
     def err(U, S, Vh):
         return (torch.linalg.norm(A - (U[:, :r] * S[:r]) @ Vh[:r]).item()) / optimal
 
     runs = {
-        "torch.linalg.svd (full)": (lambda: torch.linalg.svd(A, full_matrices=False), t_svd),
+        "torch.linalg.svd (full, 1 run)": (lambda: full, t_svd),
         "torch.svd_lowrank q=r+10": (lambda: _svd_lowrank(A, r + 10), None),
         "rsvd gaussian": (lambda: rsvd(A, r, generator=0), None),
         "rsvd sparse_sign": (lambda: rsvd(A, r, generator=0, sketch="sparse_sign"), None),
@@ -110,7 +119,7 @@ def _qr_errors(A, Q, R, piv=None) -> tuple[float, float]:
 
 
 def bench_cqrrpt(device: str, reps: int) -> list[list]:
-    m, n = SIZES[device]["cqrrpt"]
+    m, n = SIZES[_sizes(device)]["cqrrpt"]
     rows = []
     for dtype in (torch.float32, torch.float64):
         g = torch.Generator(device=device).manual_seed(1)
@@ -143,7 +152,7 @@ def _fmt(errs: tuple[float, float]) -> list[str]:
 
 
 def bench_lstsq(device: str, reps: int) -> list[list]:
-    m, n = SIZES[device]["lstsq"]
+    m, n = SIZES[_sizes(device)]["lstsq"]
     g = torch.Generator(device=device).manual_seed(2)
     rows = []
     for cond_exp in (0, 6):
@@ -163,7 +172,7 @@ def bench_lstsq(device: str, reps: int) -> list[list]:
 
 
 def bench_fwht(device: str, reps: int) -> list[list]:
-    rows_, n = SIZES[device]["fwht"]
+    rows_, n = SIZES[_sizes(device)]["fwht"]
     x = torch.randn(rows_, n, device=device)
     nbytes = 2 * x.numel() * x.element_size()  # read + write
     t_copy, _ = timed(lambda: x.clone(), reps, device)
@@ -186,13 +195,15 @@ TABLES = {
 
 
 def main() -> None:
+    global _SMOKE
     args = parse_args()
+    _SMOKE = args.smoke
     if args.threads:
         torch.set_num_threads(args.threads)
     info = kernel_info()
     device_name = info["device"] if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, device {device_name}, threads {torch.get_num_threads()}, "
-          f"extension {info['extension']}")
+          f"extension {info['extension']}, tf32 matmul {info['tf32_matmul']}")
     for name in args.only.split(","):
         fn, headers = TABLES[name]
         print(f"\n## {name}\n")
