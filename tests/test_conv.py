@@ -190,6 +190,14 @@ def test_sketched_conv2d_opcheck_and_gradcheck(stride, padding, dilation, groups
                                     fast_mode=True)
 
 
+def test_lowrank_conv2d_double_backward():
+    gen = torch.Generator().manual_seed(9)
+    tensors = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((1, 4, 5, 4), (4, 2, 3, 3), (6, 2, 1, 1), (6,))]
+    assert torch.autograd.gradgradcheck(
+        lambda x, V, U, b: lowrank_conv2d(x, V, U, b, [1, 1], [0, 1, 1, 2], [1, 1], 2), tensors, fast_mode=True)
+
+
 def test_op_errors_name_the_shapes():
     x = torch.randn(1, 4, 5, 5)
     with pytest.raises(RuntimeError, match="groups=2 expect 6"):
