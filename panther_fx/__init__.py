@@ -20,4 +20,14 @@ __all__ = [
     "Decision", "LayerReport", "Policy", "PolicyError", "Report", "compile", "kernel_info", "last_report",
     "linalg", "load_policy", "ops", "panther_backend",
     "convert", "distill", "load", "save",
+    "tune",
 ]
+
+
+def __getattr__(name: str):
+    # the tuner imports optuna (seconds): load it on first use of panther_fx.tune
+    if name == "tune":
+        from .tuner import tune
+
+        return tune
+    raise AttributeError(f"module 'panther_fx' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""Applying a candidate policy to a working copy of the model, and measuring what it costs.
+
+Candidates are applied by an eager module swap through :func:`panther_fx.passes.plan_linear` (the matcher
+and factorization code path the backend uses), with factorizations cached across trials, and undone
+after each trial so one working copy serves the whole search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
+from ..passes import FactorCache, plan_linear
+from ..policy import Policy
+from ..report import Report
+
+__all__ = ["FactoredLinear", "applied", "Costs", "measure_costs", "latency_ms", "peak_memory_bytes"]
+
+LATENCY_WARMUP = 2
+LATENCY_REPEATS = 7
+
+
+class FactoredLinear(nn.Module):
+    """A Linear whose weight is replaced by factors: ``panther.lowrank_linear`` (svd: A (O, r), B (r, I))
+    or ``panther.sketched_linear`` (sketch: S1, S2, U1, U2). Factors are buffers; the bias is shared."""
+
+    def __init__(self, method: str, factors: Mapping[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.method = method
+        for name, tensor in factors.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "sketch":
+            return torch.ops.panther.sketched_linear(x, self.S1, self.S2, self.U1, self.U2, self.bias)
+        return torch.ops.panther.lowrank_linear(x, self.A, self.B, self.bias)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Report]:
+    """Swap every ``nn.Linear`` of ``model`` the policy rewrites for a :class:`FactoredLinear`; yield the
+    per-layer report (all Linear layers); restore the original modules on exit, also on Ctrl-C."""
+    report = Report()
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for path, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            plan = plan_linear(path, module.weight, policy, cache)
+            report.append(plan.report)
+            if plan.factors is None:
+                continue
+            if not path:
+                raise ValueError("the model itself is an nn.Linear: wrap it in a module to tune it")
+            parent, name = _parent(model, path)
+            parent._modules[name] = FactoredLinear(plan.decision.method, plan.factors, module.bias)
+            swapped.append((parent, name, module))
+        yield report
+    finally:
+        for parent, name, module in reversed(swapped):
+            parent._modules[name] = module
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example_inputs: Any, *, warmup: int = LATENCY_WARMUP,
+               repeats: int = LATENCY_REPEATS) -> float:
+    """Median wall time of one forward over ``example_inputs`` on the model's device, after warm-up."""
+    device = _device(model)
+    for _ in range(warmup):
+        _call(model, example_inputs)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        _call(model, example_inputs)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of storages created by dispatched ops and still alive; records the peak.
+
+    CPU tensors have no allocator statistics, so every op's outputs are counted once per storage and
+    dropped when the storage dies (checked after each op). Temporaries inside a single op are not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[Any, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # outputs that alias an input (views of weights or of inputs) allocate nothing
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live and key not in inputs and storage.nbytes():
+                    self.live[key] = (storage._weak_ref(), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        for key, (ref, nbytes) in list(self.live.items()):
+            if torch.UntypedStorage._expired(ref):
+                torch.UntypedStorage._free_weak_ref(ref)
+                del self.live[key]
+                self.current -= nbytes
+        return out
+
+
+@torch.no_grad()
+def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
+    """Weight bytes of ``model`` (parameters and buffers) plus the peak activation bytes of one forward.
+
+    On CUDA the activation peak comes from the allocator (``max_memory_allocated`` above the resident
+    baseline); on CPU from :class:`_LiveBytes`."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())}
+    weights = sum(tensors.values())
+    device = _device(model)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _call(model, example_inputs)
+        _sync(device)
+        return weights + torch.cuda.max_memory_allocated(device) - base
+    tracker = _LiveBytes()
+    with tracker:
+        _call(model, example_inputs)
+    peak = tracker.peak
+    for ref, _ in tracker.live.values():
+        torch.UntypedStorage._free_weak_ref(ref)
+    return weights + peak
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Costs of one candidate: all parameters (factors counted as parameters), Linear weight parameters,
+    median latency (ms) and peak memory (bytes); latency and memory are None without example inputs."""
+
+    params: int
+    linear_params: int
+    latency_ms: float | None
+    memory_bytes: int | None
+
+
+def measure_costs(model: nn.Module, report: Report, example_inputs: Any) -> Costs:
+    """Costs of ``model`` with candidate modules in place; ``report`` is what :func:`applied` yielded."""
+    params = sum(p.numel() for p in model.parameters())
+    params += sum(b.numel() for m in model.modules() if isinstance(m, FactoredLinear) for b in m.buffers())
+    linear = report.params()[1]
+    if example_inputs is None:
+        return Costs(params, linear, None, None)
+    return Costs(params, linear, latency_ms(model, example_inputs), peak_memory_bytes(model, example_inputs))

@@ -1,0 +1,223 @@
+"""Search spaces of the tuner: which Linear layers are searched and the choices each one has.
+
+A space maps policy patterns (the ``match`` syntax of policy files) to choices; the first pattern that
+matches a layer decides it, and layers no pattern matches stay dense and are not searched::
+
+    space = {
+        "encoder.layer.*.attention.**": [32, 64, 128, "dense"],                 # one choice per layer
+        "encoder.layer.*.intermediate.dense": {"choices": [64, 128, 256, "dense"], "group": True},
+        "classifier": "auto",
+    }
+
+A choice is ``"dense"``, an int (svd rank), a float in (0, 1) (svd rank as a fraction of min(I, O)), or a
+table of policy settings such as ``{"method": "sketch", "num_terms": 1, "low_rank": 32}``. ``"auto"`` (and
+the default space, ``{"**": "auto"}``) gives every layer the svd ranks that are powers of two between
+min(I, O)/16 and break-even (r(I + O) < I·O), plus ``"dense"``. With ``group = True`` all matched layers
+share one choice (one search dimension); otherwise each layer is its own dimension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..policy import Policy, PolicyError, compile_pattern
+from ..policy.pattern import PatternError
+
+__all__ = ["Choice", "SearchSpace", "SpaceError", "Unit", "auto_ranks"]
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be built; the message names the pattern and the value."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One option of a search dimension: a label (the Optuna categorical value) and policy rule settings."""
+
+    label: str
+    settings: Mapping[str, Any] = field(compare=False)  # equal labels mean equal settings
+
+    @property
+    def dense(self) -> bool:
+        return self.settings["method"] == "dense"
+
+
+DENSE = Choice("dense", {"method": "dense"})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One search dimension: a layer (``name`` is its path) or a group (``name`` is the pattern)."""
+
+    name: str
+    pattern: str  # the policy ``match`` written for this unit
+    layers: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]  # (O, I) per layer
+    choices: tuple[Choice, ...]
+
+    def choice(self, label: str) -> Choice:
+        for c in self.choices:
+            if c.label == label:
+                return c
+        raise SpaceError(f"unit {self.name!r} has no choice {label!r}; choices: "
+                         f"{', '.join(c.label for c in self.choices)}")
+
+
+def auto_ranks(in_features: int, out_features: int) -> list[int]:
+    """Powers of two r with min(I, O)/16 <= r and r(I + O) < I·O (below break-even)."""
+    smallest = min(in_features, out_features)
+    ranks, r = [], 1
+    while r * (in_features + out_features) < in_features * out_features and r <= smallest:
+        if 16 * r >= smallest:
+            ranks.append(r)
+        r *= 2
+    return ranks
+
+
+def _parse_choice(where: str, value: Any) -> Choice:
+    if value == "dense":
+        return DENSE
+    if isinstance(value, bool):
+        raise SpaceError(f"{where}: choice {value!r} must be 'dense', a rank, a fraction or a settings table")
+    if isinstance(value, int):
+        if value < 1:
+            raise SpaceError(f"{where}: rank {value} must be >= 1")
+        return Choice(f"svd:{value}", {"method": "svd", "rank": value})
+    if isinstance(value, float):
+        if not 0.0 < value < 1.0:
+            raise SpaceError(f"{where}: a float rank {value} is a fraction of min(I, O) and must lie in (0, 1)")
+        return Choice(f"svd:{value:g}", {"method": "svd", "rank": value})
+    if isinstance(value, Mapping):
+        settings = dict(value)
+        if "match" in settings or "op" in settings:
+            raise SpaceError(f"{where}: a choice table holds policy settings, not 'match' or 'op'")
+        settings.setdefault("method", "svd")
+        try:  # validate through the policy loader so the messages match policy files
+            Policy.from_dict({"rule": [{"match": "x", "op": "linear", **settings}]}, source=where)
+        except PolicyError as e:
+            raise SpaceError(str(e)) from None
+        if settings["method"] == "dense":
+            return DENSE
+        label = settings["method"] + ":" + ",".join(f"{k}={settings[k]}" for k in sorted(settings) if k != "method")
+        return Choice(label, settings)
+    raise SpaceError(f"{where}: choice {value!r} must be 'dense', a rank, a fraction or a settings table")
+
+
+def _layer_choice_ok(choice: Choice, path: str, shape: tuple[int, int]) -> bool:
+    """Whether ``choice`` really factorizes the layer (within min(I, O) and below break-even)."""
+    if choice.dense:
+        return True
+    O, I = shape
+    try:
+        decision = Policy.from_dict({"rule": [{"match": "**", "op": "linear", **choice.settings}]}).decide(
+            path, "linear", in_features=I, out_features=O)
+    except PolicyError:
+        return False
+    return decision.rewrites
+
+
+class SearchSpace:
+    """The units (search dimensions) of a model under a space spec; builds policies from assignments."""
+
+    def __init__(self, units: Sequence[Unit]):
+        self.units = tuple(units)
+
+    @classmethod
+    def build(cls, model: nn.Module, spec: Mapping[str, Any] | None = None) -> "SearchSpace":
+        """Units for the ``nn.Linear`` layers of ``model`` under ``spec`` (default ``{"**": "auto"}``)."""
+        spec = {"**": "auto"} if spec is None else spec
+        if not isinstance(spec, Mapping) or not spec:
+            raise SpaceError("space must be a non-empty dict {pattern: choices}")
+        linears = [(path, tuple(m.weight.shape)) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise SpaceError(f"{type(model).__name__} has no nn.Linear layer to tune")
+        entries = []
+        for pattern, value in spec.items():
+            if not isinstance(pattern, str):
+                raise SpaceError(f"space pattern {pattern!r} must be a string")
+            try:
+                matches = compile_pattern(pattern)
+            except PatternError as e:
+                raise SpaceError(f"space pattern {pattern!r}: {e}") from None
+            entries.append((pattern, matches, value, []))
+        for path, shape in linears:
+            for entry in entries:
+                if entry[1](path):
+                    entry[3].append((path, shape))
+                    break
+        units: list[Unit] = []
+        for pattern, _, value, layers in entries:
+            if not layers:
+                raise SpaceError(f"space pattern {pattern!r} matches no nn.Linear layer (layers: "
+                                 f"{', '.join(p for p, _ in linears[:6])}{', ...' if len(linears) > 6 else ''})")
+            units += cls._units(pattern, value, layers)
+        if not units:
+            raise SpaceError("no layer of the space has a choice other than 'dense' (all below break-even)")
+        return cls(units)
+
+    @staticmethod
+    def _units(pattern: str, value: Any, layers: list[tuple[str, tuple[int, int]]]) -> list[Unit]:
+        where = f"space[{pattern!r}]"
+        group = False
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"choices", "group"}
+            if unknown or "choices" not in value:
+                raise SpaceError(f"{where}: a table needs 'choices' and may have 'group' (got {sorted(value)})")
+            group = value.get("group", False)
+            if not isinstance(group, bool):
+                raise SpaceError(f"{where}: group = {group!r} must be a boolean")
+            value = value["choices"]
+        auto = value == "auto"
+        if not auto:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+                raise SpaceError(f"{where}: choices must be 'auto' or a non-empty list, got {value!r}")
+            parsed = list(dict.fromkeys(_parse_choice(where, v) for v in value))
+        units = []
+        batches = [layers] if group else [[layer] for layer in layers]
+        for batch in batches:
+            if auto:
+                common = set.intersection(*(set(auto_ranks(I, O)) for _, (O, I) in batch))
+                choices = [_parse_choice(where, r) for r in sorted(common)] + [DENSE]
+            else:  # drop options that leave a layer dense anyway (above break-even or min(I, O))
+                choices = [c for c in parsed if all(_layer_choice_ok(c, p, s) for p, s in batch)]
+            if DENSE not in choices:
+                choices.append(DENSE)
+            if len(choices) < 2:
+                continue
+            paths = tuple(p for p, _ in batch)
+            name = pattern if group else paths[0]
+            unit_pattern = pattern if group else (paths[0] or "re:^$")
+            units.append(Unit(name, unit_pattern, paths, tuple(s for _, s in batch), tuple(choices)))
+        return units
+
+    # ---- assignments ---------------------------------------------------------------------------------
+    def labels(self, assignment: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(assignment[u.name] for u in self.units)
+
+    def policy(self, assignment: Mapping[str, str], source: str = "<tuned>") -> Policy:
+        """The policy that applies ``assignment`` ({unit name: choice label}); every other layer stays dense.
+
+        One rule per non-dense unit, in space order; a dense unit gets an explicit ``method = "dense"``
+        rule only when a later rule's pattern would otherwise catch one of its layers."""
+        chosen = [(u, u.choice(assignment[u.name])) for u in self.units]
+        rules = []
+        for i, (unit, choice) in enumerate(chosen):
+            later = [compile_pattern(u.pattern) for u, c in chosen[i + 1:] if not c.dense]
+            if choice.dense and not any(m(p) for m in later for p in unit.layers):
+                continue
+            rules.append({"match": unit.pattern, "op": "linear", **choice.settings})
+        return Policy.from_dict({"rule": rules}, source=source)
+
+    def signature(self) -> str:
+        """A digest of layers and choices: a resumed study must have been run over the same space."""
+        data = [(u.name, u.layers, [c.label for c in u.choices]) for u in self.units]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.units)

@@ -1,0 +1,276 @@
+"""The autotuner on a small MLP whose layers have different singular-value decays, with an analytic quality:
+minus the relative output error against the dense model on fixed inputs."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import panther_fx
+from panther_fx.passes import FactorCache
+from panther_fx.policy import Policy
+from panther_fx.tuner import SearchSpace, SpaceError, TuneError, auto_ranks, peak_memory_bytes, sensitivity_path, tune
+from panther_fx.tuner.measure import applied
+from panther_fx.tuner.search import _unit_errors, _unit_params
+
+DIMS = [128, 256, 256, 256, 128]
+DECAYS = [0.02, 0.15, 0.05, 0.3]  # slow, fast, medium, very fast spectral decay
+
+
+def _spectral(O: int, I: int, decay: float, g: torch.Generator) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(O, O, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(I, I, generator=g, dtype=torch.float64))
+    n = min(O, I)
+    s = torch.exp(-decay * torch.arange(n, dtype=torch.float64))
+    return (U[:, :n] * s) @ V[:, :n].T
+
+
+def make_mlp() -> nn.Sequential:
+    g = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = []
+    for (i, o), decay in zip(zip(DIMS, DIMS[1:]), DECAYS):
+        lin = nn.Linear(i, o)
+        with torch.no_grad():
+            w = _spectral(o, i, decay, g)
+            lin.weight.copy_(w / w.norm() * o ** 0.5)
+            lin.bias.zero_()
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+class OutputError:
+    """quality(model) = -‖f(X) - f_dense(X)‖ / ‖f_dense(X)‖ on fixed inputs (0 for the dense model)."""
+
+    def __init__(self, model: nn.Module):
+        self.X = torch.randn(256, DIMS[0], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            self.ref = model(self.X)
+        self.calls = 0
+
+    def __call__(self, model: nn.Module) -> float:
+        self.calls += 1
+        return 0.0 - ((model(self.X) - self.ref).norm() / self.ref.norm()).item()  # 0.0, not -0.0
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return make_mlp()
+
+
+def _quiet():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _uniform(model, evaluate, ranks):
+    """(linear params, quality) of {"defaults": {"method": "svd", "rank": r}} for each rank."""
+    out, cache = [], FactorCache()
+    for r in ranks:
+        with applied(model, Policy.load({"defaults": {"method": "svd", "rank": r}}), cache) as report:
+            with torch.no_grad():
+                out.append((report.params()[1], evaluate(model)))
+    return out
+
+
+# ---- space -----------------------------------------------------------------------------------------------
+def test_auto_ranks_are_powers_of_two_below_break_even():
+    assert auto_ranks(384, 384) == [32, 64, 128]  # 192 · 768 = 384² is break-even
+    assert auto_ranks(384, 1536) == [32, 64, 128, 256]  # 307 · 1920 ≈ 384 · 1536
+    assert auto_ranks(8, 8) == [1, 2]  # 4 · 16 = 8² is break-even
+    assert auto_ranks(2, 2) == []  # even rank 1 stores 1 · 4 = 2² parameters
+
+
+def test_space_units_choices_and_errors(mlp):
+    space = SearchSpace.build(mlp)
+    assert [u.name for u in space.units] == ["0", "2", "4", "6"]
+    assert [c.label for c in space.units[0].choices] == ["svd:8", "svd:16", "svd:32", "svd:64", "dense"]
+    # "2|4" is a glob without wildcards: it matches nothing -> clear error naming the pattern
+    with pytest.raises(SpaceError, match=r"'2\|4' matches no nn.Linear"):
+        SearchSpace.build(mlp, {"2|4": [16]})
+    group = SearchSpace.build(mlp, {"re:[26]": {"choices": [32, 64, 300], "group": True}, "**": [16]})
+    assert [(u.name, u.layers) for u in group.units] == [("re:[26]", ("2", "6")), ("0", ("0",)), ("4", ("4",))]
+    assert [c.label for c in group.units[0].choices] == ["svd:32", "svd:64", "dense"]  # 300 > min(I, O) dropped
+    for bad, message in [({"**": [0]}, "rank 0 must be >= 1"), ({"**": [1.5]}, "fraction"),
+                         ({"**": ["svd"]}, "choice 'svd'"), ({"**": {"choices": [8], "grop": True}}, "grop"),
+                         ({"**": [{"method": "sketch"}]}, "low_rank"), ({"a..b": [8]}, "empty path segment")]:
+        with pytest.raises(SpaceError, match=message):
+            SearchSpace.build(mlp, bad)
+
+
+def test_policy_of_an_assignment_round_trips_and_decides_each_layer(mlp):
+    space = SearchSpace.build(mlp, {"re:[26]": {"choices": [32, "dense"], "group": True}, "**": "auto"})
+    assignment = {"re:[26]": "dense", "0": "svd:16", "4": "svd:32"}
+    policy = space.policy(assignment)
+    again = Policy.load(policy.to_dict())
+    assert Policy.from_dict(__import__("tomllib").loads(policy.to_toml())) == again == policy
+    decided = {p: policy.decide(p, "linear", in_features=m.in_features, out_features=m.out_features)
+               for p, m in mlp.named_modules() if isinstance(m, nn.Linear)}
+    assert {p: (d.method, d.rank) for p, d in decided.items()} == {
+        "0": ("svd", 16), "2": ("dense", None), "4": ("svd", 32), "6": ("dense", None)}
+
+
+def test_sensitivity_path_goes_from_mild_to_aggressive(mlp):
+    space = SearchSpace.build(mlp)
+    errors = _unit_errors(mlp, space, FactorCache())
+    path = sensitivity_path(space, errors)
+    cost = [sum(_unit_params(u, a[u.name]) for u in space.units) for a in path]
+    assert cost == sorted(cost, reverse=True) and len(set(cost)) == len(cost)
+    assert path[-1] == {u.name: u.choices[0].label for u in space.units}  # every unit at its cheapest choice
+    # the first compressed layer is the one with the fastest decay (layer 6, decay 0.3)
+    first = {k: v for k, v in path[0].items() if v != "dense"}
+    assert list(first) == ["6"]
+
+
+# ---- search ----------------------------------------------------------------------------------------------
+def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
+    _quiet()
+    evaluate = OutputError(mlp)
+    min_quality = -0.35
+    uniform = _uniform(mlp, evaluate, [8, 16, 32, 64, 128])
+    best_uniform = min(p for p, q in uniform if q >= min_quality)
+    dense = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    assert best_uniform < dense  # a uniform rank is feasible: a real contest
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+
+    result = tune(mlp, evaluate, example_inputs=None, min_quality=min_quality, n_trials=14, seed=0)
+
+    assert len(result.rows) == 14 and result.dense.quality == 0.0
+    assert result.best.feasible and result.best.quality >= min_quality
+    assert all(r.feasible == (r.quality >= min_quality) for r in result.rows)
+    assert any(not r.feasible for r in result.rows)  # the search went past the boundary
+    assert result.best.linear_params < best_uniform
+    # the policy it returns reproduces the measured quality through convert, on a copy
+    converted, _ = panther_fx.convert(mlp, result.policy, inplace=False)
+    with torch.no_grad():
+        assert evaluate(converted) == pytest.approx(result.best.quality, abs=1e-6)
+    # the user's model is untouched
+    assert all(isinstance(m, (nn.Linear, nn.Tanh, nn.Sequential)) for m in mlp.modules())
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_result_write_table_and_pareto(mlp, tmp_path):
+    _quiet()
+    result = tune(mlp, OutputError(mlp), example_inputs=None, min_quality=-0.1, n_trials=8)
+    path = result.write(tmp_path / "tuned.toml")
+    assert Policy.load(path) == result.policy
+    assert path.read_text().startswith("# written by panther_fx.tune")
+    table = result.table()
+    assert "quality" in table and "Linear kept" in table and table.count("\n") == len(result.rows) + 1
+    front = result.pareto()
+    assert front and [r.params for r in front] == sorted(r.params for r in front)
+    for r in front:  # nothing beats a front member on both axes
+        assert not any(o.quality > r.quality and o.params < r.params for o in result.rows)
+    assert result.best in front
+
+
+def test_resume_from_sqlite_continues_the_same_study(mlp, tmp_path):
+    _quiet()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    evaluate = OutputError(mlp)
+    first = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=3, storage=storage,
+                 study_name="mlp")
+    second = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=4, storage=storage,
+                  study_name="mlp")
+    assert len(first.rows) == 3 and len(second.rows) == 7
+    assert [r.source for r in second.rows].count("dense") == 1  # the dense reference is not re-run
+    loaded = optuna.load_study(study_name="mlp", storage=storage)
+    assert len(loaded.trials) == 7
+    with pytest.raises(TuneError, match="another search space"):
+        tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=1, storage=storage,
+             study_name="mlp", space={"0": [8]})
+
+
+def test_ctrl_c_leaves_a_valid_study_and_the_best_policy_so_far(mlp, tmp_path):
+    _quiet()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    inner = OutputError(mlp)
+
+    def evaluate(model):
+        if inner.calls == 4:
+            raise KeyboardInterrupt
+        return inner(model)
+
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        result = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=10, storage=storage,
+                      study_name="s")
+    assert result.interrupted and len(result.rows) == 4 and result.best.feasible
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and states[-1] == optuna.trial.TrialState.FAIL
+    inner.calls = 100  # resumes past the failed trial
+    resumed = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=2, storage=storage,
+                   study_name="s")
+    assert len(resumed.rows) == 6 and not resumed.interrupted
+
+
+def test_latency_and_memory_objectives_measure_the_candidate(mlp):
+    _quiet()
+    x = torch.randn(32, DIMS[0])
+    result = tune(mlp, OutputError(mlp), example_inputs=(x,), min_quality=-0.35, objective="memory", n_trials=5)
+    assert all(r.latency_ms > 0 and r.memory_bytes > 0 for r in result.rows)
+    assert result.best.memory_bytes < result.dense.memory_bytes
+    assert result.best.cost("memory") == min(r.memory_bytes for r in result.rows if r.feasible)
+
+
+def test_peak_memory_counts_weights_and_live_activations():
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32))
+    x = torch.randn(16, 64)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    # peak while GELU runs: the first Linear's output and GELU's output, 16 × 256 float32 each
+    assert peak_memory_bytes(model, (x,)) == weights + 2 * 16 * 256 * 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"objective": "speed"}, "objective = 'speed' must be one of params, latency, memory"),
+    ({"n_trials": 0}, "n_trials = 0 must be an integer >= 1"),
+    ({"min_quality": "high"}, "min_quality = 'high' must be a number"),
+    ({"storage": "study.db"}, "Optuna RDB URL"),
+    ({"objective": "latency"}, "pass example_inputs"),
+    ({"min_quality": 0.5}, "unreachable: the dense model scores 0"),
+    ({"space": {"nothing.here": [8]}}, "'nothing.here' matches no nn.Linear"),
+])
+def test_bad_arguments_give_clear_errors(mlp, kwargs, message):
+    _quiet()
+    args = {"example_inputs": None, "min_quality": -0.1, "n_trials": 2, **kwargs}
+    with pytest.raises(TuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tune(mlp, OutputError(mlp), **args)
+
+
+def test_bad_model_and_evaluate(mlp):
+    with pytest.raises(TuneError, match="model must be an nn.Module"):
+        tune("mlp", OutputError(mlp), example_inputs=None, min_quality=0)
+    with pytest.raises(TuneError, match="evaluate must be a callable"):
+        tune(mlp, 0.5, example_inputs=None, min_quality=0)
+    with pytest.raises(TuneError, match="must return a number"):
+        tune(mlp, lambda m: "good", example_inputs=None, min_quality=0, n_trials=1)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+def test_cli_tune_writes_a_policy(tmp_path, monkeypatch, capsys):
+    from panther_fx.cli.main import main
+
+    (tmp_path / "tunecase.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from test_tuner import OutputError, make_mlp
+        MODEL = make_mlp()
+        evaluate = OutputError(MODEL)
+        def make_model():
+            return MODEL
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _quiet()
+    out = tmp_path / "policy.toml"
+    code = main(["tune", "tunecase:make_model", "--eval", "tunecase:evaluate", "--min-quality", "-0.1",
+                 "--trials", "4", "--out", str(out), "--storage", f"sqlite:///{tmp_path / 's.db'}"])
+    assert code == 0 and Policy.load(out).rules
+    assert "best: trial" in capsys.readouterr().out
+    code = main(["tune", "tunecase:make_model", "--eval", "tunecase:evaluate", "--min-quality", "1",
+                 "--trials", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert code == 2 and err.startswith("panther-fx tune: error: min_quality = 1 is unreachable")
+    sys.modules.pop("tunecase", None)
