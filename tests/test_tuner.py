@@ -274,3 +274,32 @@ def test_cli_tune_writes_a_policy(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
     assert code == 2 and err.startswith("panther-fx tune: error: min_quality = 1 is unreachable")
     sys.modules.pop("tunecase", None)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_peak_memory_uses_allocator_statistics():
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32)).cuda()
+    x = torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        model(x)  # cuBLAS workspaces are allocated on first use and then stay resident
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    live = 2 * 16 * 256 * 4  # the first Linear's and GELU's outputs (multiples of the 512-byte block)
+    peak = peak_memory_bytes(model, (x,))
+    assert weights + live <= peak < weights + live + 2**20
+
+
+@pytest.mark.cuda
+def test_cuda_tune_latency_objective():
+    _quiet()
+    model = make_mlp().cuda()
+    X = torch.randn(256, DIMS[0], device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        ref = model(X)
+
+    def quality(m):
+        return 0.0 - ((m(X) - ref).norm() / ref.norm()).item()
+
+    result = tune(model, quality, example_inputs=(X,), min_quality=-0.35, objective="latency", n_trials=6)
+    assert all(r.latency_ms > 0 and r.memory_bytes > 0 for r in result.rows)
+    assert result.best.feasible and result.best.latency_ms == min(r.latency_ms for r in result.rows if r.feasible)
