@@ -129,6 +129,8 @@ def bench_cqrrpt(device: str, reps: int) -> list[list]:
         rows.append(["torch.linalg.qr (Householder)", label, f"{t_qr:.1f}", "1.0", *_fmt(_qr_errors(A, Q, R)), n])
         t, (Q, R, piv) = timed(lambda: cqrrpt(A, generator=0), reps, device)
         rows.append(["cqrrpt sparse_sign", label, f"{t:.1f}", f"{t_qr / t:.1f}", *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
+        t, (Q, R, piv) = timed(lambda: cqrrpt(A, generator=0, pivoting=False), reps, device)
+        rows.append(["cqrrpt pivoting=False", label, f"{t:.1f}", f"{t_qr / t:.1f}", *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
         if device == "cpu":
             rows.append(_scipy_qrcp(A, label, t_qr))
     return rows

@@ -164,8 +164,8 @@ def test_qrcp_backend_name_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda(dtype):
     A = with_cond(M, N, 1e6, dtype, seed=13).cuda()
-    for backend in ("auto", "torch"):
-        Q, R, piv = cqrrpt(A, generator=13, qrcp_backend=backend)
+    for kwargs in ({"qrcp_backend": "auto"}, {"qrcp_backend": "torch"}, {"pivoting": False}):
+        Q, R, piv = cqrrpt(A, generator=13, **kwargs)
         assert Q.is_cuda and R.is_cuda and piv.is_cuda
         assert_factorization(A.cpu(), Q.cpu(), R.cpu(), piv.cpu(), rank=N)
 
@@ -177,3 +177,18 @@ def test_refine_brings_orthogonality_to_eps(dtype):
     Q, R, piv = cqrrpt(A, generator=14, refine=True)
     assert_factorization(A, Q, R, piv, rank=N, orth_eps=N / 2)
     assert errors(A, Q, R, piv)[1] < plain / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unpivoted_fast_path_on_full_rank(dtype):
+    A = with_cond(M, N, 1e4, dtype, seed=15)
+    Q, R, piv = cqrrpt(A, generator=15, pivoting=False)
+    assert torch.equal(piv, torch.arange(N))
+    assert_factorization(A, Q, R, piv, rank=N)
+
+
+def test_unpivoted_falls_back_to_pivoting_on_rank_deficiency():
+    A = with_cond(M, N, 10.0, F64, rank=20, seed=16)
+    Q, R, piv = cqrrpt(A, generator=16, pivoting=False)
+    assert not torch.equal(piv, torch.arange(N))  # the pivoted algorithm ran
+    assert_factorization(A, Q, R, piv, rank=20)

@@ -93,7 +93,7 @@ def _check(A: Tensor, gamma: float, sketch: str) -> None:
 @torch.no_grad()
 def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
            generator: torch.Generator | int | None = None, rank_tol: float | None = None,
-           qrcp_backend: str = "auto", refine: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+           qrcp_backend: str = "auto", refine: bool = False, pivoting: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Pivoted QR of a tall A (m, n) -> (Q (m, k), R (k, n), piv (n,)) with A[:, piv] ≈ Q @ R.
 
     k is the numerical rank found on the sketch (``rank_tol`` overrides the relative threshold
@@ -103,6 +103,10 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
     ‖QᵀQ − I‖ is O(eps · cond(A_pre)²), and cond(A_pre) is the sketch's distortion, about
     (1 + √(n/d)) / (1 − √(n/d)): ~18 at γ = 1.25, ~6 at γ = 2. ``refine=True`` adds one more Cholesky QR
     pass on Q (CholeskyQR2: a Gram and a GEMM, 2 m k² flops each), bringing it to O(eps).
+
+    ``pivoting=False`` is a fast path for matrices expected to have full column rank: the sketch gets an
+    unpivoted Householder QR on A's device (no host round trip for LAPACK's geqp3) and piv = arange(n). If
+    the sketch's R or the Cholesky factorization shows rank deficiency, it redoes the pivoted algorithm.
     """
     _check(A, gamma, sketch)
     m, n = A.shape
@@ -113,24 +117,47 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
     # sketch: checking it there saves a full pass over A.
     if not torch.isfinite(A_sk).all():
         raise ValueError("cqrrpt: A contains NaN or Inf (or overflows when sketched)")
-    R_sk, piv = qrcp(A_sk, backend=qrcp_backend)
     tau = rank_threshold(A.dtype) if rank_tol is None else rank_tol
+    if not pivoting:
+        R_sk = torch.linalg.qr(A_sk.double(), mode="r").R
+        diag = R_sk.diagonal().abs()
+        if bool((diag >= tau * diag.max()).all()):
+            L, A_pre, k = _preconditioned_cholesky(A, R_sk)  # no gather: the columns stay in order
+            if k == n:
+                return _finish(A_pre, L, R_sk, torch.arange(n, device=A.device), refine)
+    R_sk, piv = qrcp(A_sk, backend=qrcp_backend)
     diag = R_sk.diagonal().abs()
     k = int((diag >= tau * diag[0]).sum()) if diag[0] > 0 else 0
     if k == 0:
         raise ValueError("cqrrpt: A is numerically zero (rank 0)")
-    R11 = R_sk[:k, :k].to(A.dtype)
-    A_pre = torch.linalg.solve_triangular(R11, A[:, piv[:k]], upper=True, left=False)
+    L, A_pre, k = _preconditioned_cholesky(A[:, piv[:k]], R_sk)
+    return _finish(A_pre, L, R_sk, piv, refine)
+
+
+def _preconditioned_cholesky(A_k: Tensor, R_sk: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A_pre = A_k R_sk[:k, :k]⁻¹ for the k selected columns A_k, and the Cholesky factor L of A_preᵀ A_pre
+    (float64), truncated to the leading columns that Cholesky accepts."""
+    k = A_k.shape[1]
+    R11 = R_sk[:k, :k].to(A_k.dtype)
+    A_pre = torch.linalg.solve_triangular(R11, A_k, upper=True, left=False)
     L, info = torch.linalg.cholesky_ex((A_pre.mT @ A_pre).double())
     failed = int(info)
     if failed > 0:  # the leading failed-1 columns are numerically independent; drop the rest
         k = failed - 1
+        if k == 0:
+            raise ValueError("cqrrpt: the preconditioned Gram matrix is not positive definite (rank 0)")
         L, A_pre = L[:k, :k], A_pre[:, :k]
+    return L, A_pre, k
+
+
+def _finish(A_pre: Tensor, L: Tensor, R_sk: Tensor, piv: Tensor, refine: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Q = A_pre R_c⁻¹ and R = R_c R_sk[:k] with R_c = Lᵀ, optionally one more Cholesky QR pass."""
+    k = L.shape[0]
     Rc = L.mT
-    Q = A_pre @ torch.linalg.inv(Rc).to(A.dtype)  # Rc is well conditioned: a GEMM is as accurate as a solve
+    Q = A_pre @ torch.linalg.inv(Rc).to(A_pre.dtype)  # Rc is well conditioned: a GEMM is as accurate as a solve
     R = Rc @ R_sk[:k]
     if refine:
         Rc2 = torch.linalg.cholesky((Q.mT @ Q).double()).mT
-        Q = Q @ torch.linalg.inv(Rc2).to(A.dtype)
+        Q = Q @ torch.linalg.inv(Rc2).to(A_pre.dtype)
         R = Rc2 @ R
-    return Q, R.to(A.dtype), piv
+    return Q, R.to(A_pre.dtype), piv
