@@ -3,8 +3,8 @@
 Every operator is drawn once from a ``torch.Generator`` (or a seed) and then applied along any dim of a
 matrix or batch: ``S.apply(A, dim)`` contracts S's n-sized input side with A's dim ``dim`` (so ``dim=-2`` is
 S @ A and ``dim=-1`` is A @ Sᵀ), ``S.transpose_apply(B, dim)`` applies Sᵀ the same way. All four satisfy
-E[SᵀS] = Iₙ. The structured ones never form S: the sparse ones scatter-add through
-``torch.ops.panther.sparse_sketch``, the SRHT runs ``torch.ops.panther.fwht``.
+E[SᵀS] = Iₙ. The structured ones never form S: the sparse ones run ``torch.ops.panther.sparse_sketch``
+(a sparse–dense product), the SRHT runs ``torch.ops.panther.fwht``.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def _distinct_rows(n: int, d: int, k: int, generator: torch.Generator) -> Tensor
 
 class SparseSignSketch(SketchOperator):
     """SASO (RandBLAS's short-axis sparse operator): each column of S has ``vec_nnz`` nonzeros ±1/√vec_nnz in
-    distinct uniformly chosen rows, independent across columns. Applying it costs vec_nnz passes over A."""
+    distinct uniformly chosen rows, independent across columns (vec_nnz is capped at sketch_size).
+    Applying it costs vec_nnz multiply-adds per entry of A."""
 
     kind = "sparse_sign"
 
