@@ -202,6 +202,7 @@ def test_compiled_converted_model_has_eager_gradients():
 
 
 def test_converted_model_trains():
+    """The student starts as the teacher compressed at rank 8 and learns the difference back."""
     torch.manual_seed(1)
     teacher = make_net()
     student = make_net()
@@ -210,13 +211,13 @@ def test_converted_model_trains():
     y = teacher(x).detach()
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(30):
         loss = nn.functional.mse_loss(student(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 2
+    assert losses[-1] < losses[0] / 4
 
 
 def test_distill_reduces_the_gap_to_the_teacher():
