@@ -136,6 +136,18 @@ def test_causal_output_ignores_future_tokens():
     assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:])
 
 
+def test_causal_memory_is_linear_in_length():
+    """131072 tokens: any L×L intermediate would need 64 GiB (and fail); the chunked path needs a few MiB."""
+    L = 2**17
+    q, k, v = (t.requires_grad_() for t in _qkv(B=1, H=1, L=L, d=4, dv=4, dtype=torch.float32))
+    out = performer_attention(q, k, v, orthogonal_features(8, 4, generator=0), causal=True)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    # the last query sees every key: it equals the non-causal output for that row
+    full = performer_attention(q[:, :, -1:], k, v, orthogonal_features(8, 4, generator=0))
+    torch.testing.assert_close(out[:, :, -1:], full, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_key_padding_equals_dropping_keys(kind):
     q, k, v = _qkv(L=20, S=50)
