@@ -75,6 +75,26 @@ def test_bert_sdpa_rewrite_padding_inductor_and_no_recompile():
     assert counters["graph_break"] == {}
 
 
+def test_bert_dynamic_shapes_symbolic_scale_and_unprovable_mask():
+    """dynamic=True: HF passes SDPA a symbolic scale (folded into q); its mask is built from symbolic
+    aranges, which the key-padding proof cannot evaluate, so masked calls stay exact with the reason."""
+    model = _bert()
+    policy = {"rule": [{"match": "encoder.layer.*.attention.self", "op": "attention", "features": 256}]}
+    compiled = torch.compile(model, backend=panther_backend, options={"policy": policy, "use_inductor": False},
+                             dynamic=True)
+    with torch.no_grad():
+        for L in (12, 20):
+            ids = torch.randint(0, 100, (2, L), generator=torch.Generator().manual_seed(L))
+            out = compiled(input_ids=ids).last_hidden_state
+            assert {r.status for r in _rows()} == {"rewritten"}
+            exact = model(input_ids=ids).last_hidden_state
+            assert ((out - exact).norm() / exact.norm()).item() < 0.02
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[1, 12:] = 0
+        compiled(input_ids=ids, attention_mask=mask)
+        assert all("not provably a key-padding mask" in r.reason for r in _rows())
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_mha_rewrite_equals_functional_performer(batch_first):
     model = SelfAttention(batch_first=batch_first).eval()

@@ -64,6 +64,11 @@ def sdpa_key_padding(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return ~keys if keys.dtype == torch.bool else keys
 
 
+def scale_queries(query: torch.Tensor, scale: float) -> torch.Tensor:
+    """q·scale·√d, so that the op's default 1/√d scaling yields logits scale·qᵀk."""
+    return query * (scale * query.shape[-1] ** 0.5)
+
+
 def performer_mha_node(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """:func:`performer_multi_head_attention` with ``F.multi_head_attention_forward``'s (output, weights) result."""
     return performer_multi_head_attention(*args, **kwargs), None
@@ -188,8 +193,10 @@ def _sdpa_refusal(args: dict[str, Any], q, k, v, prover: _MaskProver) -> Optiona
         return f"dropout_p = {args['dropout_p']} (training): attention dropout has no Performer equivalent"
     if q is None or k is None or v is None or not (q.dim() == k.dim() == v.dim() == 4):
         return "query/key/value are not (B, H, L, d) tensors"
-    if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], float)):
-        return "is_causal/scale are computed in the graph"
+    if not isinstance(args["is_causal"], bool):
+        return "is_causal is computed in the graph"
+    if not (args["scale"] is None or isinstance(args["scale"], (int, float, fx.Node))):
+        return f"scale = {args['scale']!r} is not a number"
     if args["is_causal"] and args["attn_mask"] is not None:
         return "attn_mask together with is_causal"
     if args["is_causal"] and q.shape[2] != k.shape[2]:
@@ -219,9 +226,14 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
         mask = None
         if args["attn_mask"] is not None:
             mask = graph.call_function(sdpa_key_padding, (args["attn_mask"], args["query"]))
+        query, scale = args["query"], args["scale"]
+        if isinstance(scale, fx.Node):  # a symbolic scale (dynamic shapes): fold it into q, keep 1/√d in the op
+            query = graph.call_function(scale_queries, (query, scale))
+            scale = None
         new = graph.call_function(torch.ops.panther.performer_attention.default,
-                                  (args["query"], args["key"], args["value"], features, mask),
-                                  {"kernel_fn": decision.kernel, "causal": args["is_causal"], "scale": args["scale"]})
+                                  (query, args["key"], args["value"], features, mask),
+                                  {"kernel_fn": decision.kernel, "causal": args["is_causal"],
+                                   "scale": None if scale is None else float(scale)})
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.gm.graph.erase_node(node)
