@@ -133,8 +133,25 @@ def test_multihead_attention_out_proj_is_left_alone_or_refused():
 
 
 def test_asvd_without_calibration_is_refused_when_a_rule_names_it():
-    with pytest.raises(ConversionError, match="asvd.*calibration"):
+    with pytest.raises(ConversionError, match="rule 1 .*'blocks.0.up'.*asvd.*calibration"):
         panther_fx.convert(make_net(), {"rule": [{"match": "blocks.0.up", "method": "asvd", "rank": 4}]})
+
+
+def test_asvd_with_calibration_matches_the_backend():
+    from panther_fx.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())  # no shared module: the backend would see it at its second path
+    policy = {"defaults": {"method": "asvd", "rank": 8, "min_features": 16}}
+    g = torch.Generator().manual_seed(0)
+    grams = calibrate(model, [torch.randn(64, 32, generator=g) for _ in range(2)])
+    converted, report = panther_fx.convert(model, policy, calibration=grams, inplace=False)
+    assert isinstance(converted[0].up, LowRankLinear) and report[0].method == "asvd"
+    compiled = torch.compile(model, backend="panther", options={"policy": policy, "calibration": grams,
+                                                                "use_inductor": False})
+    x = torch.randn(5, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), compiled(x), rtol=1e-6, atol=1e-6)
 
 
 def test_bare_layer_is_refused():

@@ -73,11 +73,12 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     """nn.Linear -> :class:`LowRankLinear` (svd, asvd) or :class:`SKLinear` (sketch) per the policy."""
     plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
     decision = plan.decision
-    if decision.rule_index is not None and ctx.calibration is None:
+    if decision.rule_index is not None and not decision.rewrites:
         O, I = module.weight.shape
         wanted = ctx.policy.decide(path, "linear", in_features=I, out_features=O)
-        if wanted.method == "asvd":  # plan_linear turned it dense for lack of calibration batches
-            raise ctx.rule_error(wanted, module, "method 'asvd' needs calibration batches: convert(..., calibration=...)")
+        if wanted.method == "asvd":  # plan_linear turned it dense: no calibration Gram matrix for this layer
+            raise ctx.rule_error(wanted, module, f"{decision.reason} (convert(..., calibration="
+                                                 "panther_fx.calibration.calibrate(model, batches)))")
     if plan.factors is None:
         return Converted(None, decision, plan.report)
     tied = _tied_elsewhere(ctx, module)
@@ -202,7 +203,8 @@ def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
     """Swap the layers ``policy`` selects for panther modules whose factors are ``nn.Parameter``s.
 
     ``policy``: TOML path, dict or :class:`~panther_fx.Policy` (the same as the backend's ``policy``
-    option); ``calibration``: batches for activation-aware methods (``asvd``), as for the backend.
+    option); ``calibration``: the per-layer input Gram matrices for ``asvd`` that
+    :func:`panther_fx.calibration.calibrate` returns, as for the backend.
     Returns the per-layer :class:`~panther_fx.Report`; with ``inplace=False`` the model is deep-copied first
     and ``(converted_copy, report)`` is returned, the original left untouched. The policy is remembered on the
     root module (``model.panther_policy``) for :func:`panther_fx.save`.

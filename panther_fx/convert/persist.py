@@ -54,8 +54,8 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module], *, cal
     """Rebuild a model saved by :func:`save`: ``model_factory()`` (the dense architecture), :func:`convert`
     with the stored policy, then a strict load of every saved tensor (factors included) over it.
 
-    ``calibration`` is only needed when the stored policy uses ``asvd`` (the structure must be rebuilt; the
-    loaded factors then replace the calibrated ones).
+    ``calibration`` (from :func:`panther_fx.calibration.calibrate`) is only needed when the stored policy
+    uses ``asvd``: the structure must be rebuilt; the loaded factors then replace the calibrated ones.
     """
     from safetensors.torch import load_model
 
