@@ -38,6 +38,7 @@ def test_fwht_is_orthonormal_involution_fp32():
 def test_fwht_noncontiguous_input():
     x = torch.randn(16, 6, dtype=F64).t()  # (6, 16), last-dim stride 6
     torch.testing.assert_close(ops.fwht(x), x @ hadamard(16) / 4.0, rtol=0, atol=1e-13)
+    torch.library.opcheck(ops.fwht, (x,))
 
 
 def test_fwht_rejects_non_power_of_two():
@@ -220,3 +221,7 @@ def test_cuda_matches_cpu(kind):
                                rtol=0, atol=1e-12)
     x = torch.randn(4, 512, device="cuda", requires_grad=True, dtype=F64)
     torch.library.opcheck(ops.fwht, (x,))
+    A, rows, vals, S = _sparse_inputs(requires_grad=True)
+    A, rows, vals = A.detach().cuda().requires_grad_(), rows.cuda(), vals.detach().cuda().requires_grad_()
+    torch.library.opcheck(ops.sparse_sketch, (A, rows, vals, S.shape[0]))
+    torch.library.opcheck(ops.sparse_sketch_t, (torch.randn(S.shape[0], 3, dtype=F64, device="cuda"), rows, vals))

@@ -40,7 +40,7 @@ def fwht(x: Tensor) -> Tensor:
     _check_fwht(x)
     n = x.shape[-1]
     lead = x.shape[:-1]
-    src = x.reshape(-1, n).clone()
+    src = x.reshape(-1, n).clone(memory_format=torch.contiguous_format)  # the views below need row-major
     dst = torch.empty_like(src)
     rows = src.shape[0]
     h = 1
