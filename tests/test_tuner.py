@@ -14,7 +14,8 @@ from torch import nn
 import panther_fx
 from panther_fx.passes import FactorCache
 from panther_fx.policy import Policy
-from panther_fx.tuner import SearchSpace, SpaceError, TuneError, auto_ranks, peak_memory_bytes, sensitivity_path, tune
+from panther_fx.tuner import (FactoredLinear, SearchSpace, SpaceError, TuneError, auto_ranks, peak_memory_bytes,
+                              sensitivity_path, tune)
 from panther_fx.tuner.measure import applied
 from panther_fx.tuner.search import _unit_errors, _unit_params
 
@@ -204,6 +205,22 @@ def test_ctrl_c_leaves_a_valid_study_and_the_best_policy_so_far(mlp, tmp_path):
     resumed = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=2, storage=storage,
                    study_name="s")
     assert len(resumed.rows) == 6 and not resumed.interrupted
+
+
+def test_nan_quality_is_a_failed_infeasible_trial(mlp):
+    _quiet()
+    inner = OutputError(mlp)
+
+    def evaluate(model):  # compressing the last layer "breaks" the model
+        return float("nan") if isinstance(model[6], FactoredLinear) else inner(model)
+
+    with pytest.warns(RuntimeWarning, match="evaluated to NaN"):
+        result = tune(mlp, evaluate, example_inputs=None, min_quality=-0.35, n_trials=12)
+    failed = [t for t in result.study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and len(failed) + len(result.rows) == 12
+    proposed = [tuple(sorted(t.params.items())) for t in failed if t.user_attrs["source"] != "sampler"]
+    assert proposed and len(set(proposed)) == len(proposed)  # the guided steps never retry a NaN candidate
+    assert result.best.choices["6"] == "dense" and result.best.linear_params < result.dense.linear_params
 
 
 def test_latency_and_memory_objectives_measure_the_candidate(mlp):

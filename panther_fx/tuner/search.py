@@ -281,6 +281,7 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
     if assignment is not None:
         study.enqueue_trial(assignment, skip_if_exists=False)
     trial = study.ask()
+    trial.set_user_attr("source", source)
     try:
         labels = {u.name: trial.suggest_categorical(u.name, [c.label for c in u.choices]) for u in space.units}
         with applied(work, space.policy(labels), cache) as report:
@@ -291,10 +292,11 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
         raise
     if math.isnan(quality):
         warnings.warn(f"panther tune: trial {trial.number} evaluated to NaN; recorded as failed", RuntimeWarning)
+        trial.set_user_attr("nan", True)  # an infeasible candidate, unlike a trial failed by Ctrl-C
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
     attrs = {"quality": quality, "params": costs.params, "linear_params": costs.linear_params,
-             "latency_ms": costs.latency_ms, "memory_bytes": costs.memory_bytes, "source": source}
+             "latency_ms": costs.latency_ms, "memory_bytes": costs.memory_bytes}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     if _SET_CONSTRAINT:
@@ -342,7 +344,9 @@ def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_in
     with _quiet_optuna(), tqdm(total=n_trials, desc="panther tune", unit="trial") as bar:
         for _ in range(n_trials):
             rows = _rows(study, search_space, min_quality)
-            assignment, source = _propose(search_space, rows, path, errors, params, objective, min_quality)
+            nan = [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+                   if t.user_attrs.get("nan")]
+            assignment, source = _propose(search_space, rows, nan, path, errors, params, objective, min_quality)
             try:
                 _run_trial(study, search_space, work, evaluate, example_inputs, cache, assignment, source,
                            min_quality)
@@ -376,9 +380,10 @@ def _best(rows: list[TrialRow], objective: str) -> TrialRow | None:
     return min(feasible, key=lambda r: (r.cost(objective), -r.quality)) if feasible else None
 
 
-def _propose(space, rows, path, errors, params, objective, min_quality) -> tuple[dict | None, str]:
+def _propose(space, rows, nan, path, errors, params, objective, min_quality) -> tuple[dict | None, str]:
     """The next assignment and its source: dense first, then the sensitivity path, then greedy descent
-    from the best feasible trial; ``(None, "sampler")`` hands over to Optuna's sampler."""
+    from the best feasible trial; ``(None, "sampler")`` hands over to Optuna's sampler. Assignments in
+    ``nan`` (evaluated to NaN) count as infeasible."""
     dense_row = next((r for r in rows if r.source == "dense"), None)
     if dense_row is None:
         return {u.name: "dense" for u in space.units}, "dense"
@@ -386,7 +391,8 @@ def _propose(space, rows, path, errors, params, objective, min_quality) -> tuple
         raise TuneError(f"min_quality = {min_quality:g} is unreachable: the dense model scores "
                         f"{dense_row.quality:.6g}")
     names = {u.name for u in space.units}
-    done = {space.labels(r.choices): r.feasible for r in rows if set(r.choices) == names}
+    done = {space.labels(a): False for a in nan if set(a) == names}
+    done.update({space.labels(r.choices): r.feasible for r in rows if set(r.choices) == names})
     guided = _next_guided(path, space, done)
     if guided is not None:
         return guided, "guided"
