@@ -82,7 +82,8 @@ def test_recompiles_reuse_cached_factors(monkeypatch):
 
     calls = []
     original = linear_pass.factorize_linear
-    monkeypatch.setattr(linear_pass, "factorize_linear", lambda W, decision: calls.append(decision.path) or original(W, decision))
+    monkeypatch.setattr(linear_pass, "factorize_linear",
+                        lambda W, decision, **kw: calls.append(decision.path) or original(W, decision, **kw))
     backend = Counting(policy=POLICY)
     compiled = torch.compile(make_mlp(), backend=backend, fullgraph=True)  # automatic dynamic: 2 frames
     with torch.no_grad():
