@@ -45,6 +45,7 @@ def test_every_subcommand_has_help(capsys, name):
 @pytest.mark.parametrize("argv,needle", [
     (["demo", "--policy", "no/such/policy.toml"], "no policy file"),
     (["bench", "no_such_benchmark"], "unknown benchmark"),
+    (["demo", "--n", "6000"], "overlap the calibration"),
     (["inspect", "no_such_module:make", "--policy", "minilm-svd"], ""),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
