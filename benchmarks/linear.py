@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -164,6 +165,14 @@ def run_case(args, timer: Timer, peaks: Peaks, method: str, N: int, I: int, O: i
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'1024,4096x1024' -> [(1024, 1024), (4096, 1024)] as (in, out)."""
     sizes = []
@@ -201,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     timer = Timer(device, args.reps, args.warmup, args.min_time)
     peaks = measure_peaks(timer, device, dtype)
     info = panther_fx.kernel_info()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"device {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, extension {info['extension']}")
+          f"device {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, extension {info['extension']}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"# measured peaks: GEMM {peaks.flops / 1e12:.3f} TFLOP/s ({args.dtype}), copy {peaks.bandwidth / 1e9:.1f} GB/s")
     rows = []
     for method in args.methods.split(","):

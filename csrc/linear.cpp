@@ -2,6 +2,8 @@
 // op's dtype). Scales and biases go into the GEMM epilogue (addmm alpha/beta) instead of extra passes.
 #include "linear.h"
 
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace panther {
@@ -14,9 +16,27 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out_features) {
   return sizes;
 }
 
-void check_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " differs from x dtype ",
-              x.scalar_type());
+// Shapes and dtypes printed the way Python prints them, so that errors read the same with or without the
+// extension (the reference checks live in panther_fx/ops/linear.py).
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string dtype_str(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(t.scalar_type());
+  }
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", dtype_str(t), " differs from x dtype ",
+              dtype_str(x));
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
 }
 
@@ -53,14 +73,18 @@ void check_lowrank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   const char* op = "lowrank_linear";
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2, op, ": A and B must be 2-D, got ", A.dim(), "-D and ", B.dim(), "-D");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  TORCH_CHECK(x.size(-1) == B.size(1), op, ": x has ", x.size(-1), " features but B is ", B.sizes(), " (r, in)");
-  TORCH_CHECK(A.size(1) == B.size(0), op, ": A ", A.sizes(), " (out, r) and B ", B.sizes(), " (r, in) disagree on r");
-  check_dtype(op, "A", A, x);
-  check_dtype(op, "B", B, x);
+  TORCH_CHECK(x.size(-1) == B.size(1), op, ": x has ", x.size(-1), " features but B is ", shape_str(B.sizes()),
+              " (r, in)");
+  TORCH_CHECK(A.size(1) == B.size(0), op, ": A ", shape_str(A.sizes()), " (out, r) and B ", shape_str(B.sizes()),
+              " (r, in) disagree on r");
+  TORCH_CHECK(x.scalar_type() == A.scalar_type() && A.scalar_type() == B.scalar_type(), op, ": dtypes differ: x ",
+              dtype_str(x), ", A ", dtype_str(A), ", B ", dtype_str(B));
+  check_same(op, "A", A, x);
+  check_same(op, "B", B, x);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == A.size(0), op, ": bias must have shape (", A.size(0),
-                ",), got ", bias->sizes());
-    check_dtype(op, "bias", *bias, x);
+                ",), got ", shape_str(bias->sizes()));
+    check_same(op, "bias", *bias, x);
   }
 }
 
@@ -70,21 +94,20 @@ void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor&
   TORCH_CHECK(S1.dim() == 3 && S2.dim() == 3 && U1.dim() == 3 && U2.dim() == 3, op,
               ": S1, S2, U1, U2 must be 3-D (L, ., .)");
   const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == I, op, ": x has ", x.size(-1), " features but S1 is ", S1.sizes(),
-              " (L, in, k)");
-  TORCH_CHECK(S2.sizes() == at::IntArrayRef({L, k, O}), op, ": S2 must have shape (", L, ", ", k, ", ", O, "), got ",
-              S2.sizes());
-  TORCH_CHECK(U1.sizes() == at::IntArrayRef({L, k, O}), op, ": U1 must have shape (", L, ", ", k, ", ", O, "), got ",
-              U1.sizes());
-  TORCH_CHECK(U2.sizes() == at::IntArrayRef({L, I, k}), op, ": U2 must have shape (", L, ", ", I, ", ", k, "), got ",
-              U2.sizes());
-  check_dtype(op, "S1", S1, x);
-  check_dtype(op, "S2", S2, x);
-  check_dtype(op, "U1", U1, x);
-  check_dtype(op, "U2", U2, x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == I, op, ": x has ", x.dim() >= 1 ? x.size(-1) : 0,
+              " features but S1 is ", shape_str(S1.sizes()), " (L, in, k)");
+  const std::pair<const char*, const at::Tensor*> others[] = {{"S2", &S2}, {"U1", &U1}, {"U2", &U2}};
+  for (const auto& [name, t] : others) {
+    const std::vector<int64_t> want = t == &U2 ? std::vector<int64_t>{L, I, k} : std::vector<int64_t>{L, k, O};
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", shape_str(want), ", got ",
+                shape_str(t->sizes()));
+    check_same(op, name, *t, x);
+  }
+  check_same(op, "S1", S1, x);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, ",), got ", bias->sizes());
-    check_dtype(op, "bias", *bias, x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, ",), got ",
+                shape_str(bias->sizes()));
+    check_same(op, "bias", *bias, x);
   }
 }
 

@@ -21,8 +21,10 @@ OPS = ("lowrank_linear", "sketched_linear", "lowrank_linear_backward", "sketched
 BUILT = bool(glob.glob(os.path.join(os.path.dirname(panther_fx.__file__), "_C*.so")))
 needs_ext = pytest.mark.skipif(not BUILT or os.environ.get("PANTHER_NO_EXT") == "1",
                                reason="panther_fx._C is not built (PANTHER_BUILD_EXT=0) or disabled")
+# Half precisions: a few units in the last place of y, because the fused CUDA kernel keeps the rank-r
+# intermediate in fp32 while the reference rounds it to the dtype (bf16 eps 7.8e-3, fp16 eps 9.8e-4).
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+       torch.float16: dict(rtol=5e-3, atol=5e-3), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 def reference(op: str):
