@@ -4,7 +4,7 @@ Evaluates the dense model and uniform-rank svd policies, then tunes per-layer ra
 Linears for the fewest parameters at Recall@1 >= the target, and re-checks the best uniform and the tuned
 policy on held-out pairs. Writes a markdown table, a JSON record, the tuned policy and the Pareto plot.
 
-    python benchmarks/tune_minilm.py --pairs 200 --heldout 200 --max-length 48 --trials 16 --max-drop 0.01
+    python benchmarks/tune_minilm.py --pairs 400 --heldout 400 --match-uniform 256 --trials 18   # docs/tuning.md
 
 CPU, float32. Recall@1 on the tuning pairs is exact for that set (no sampling noise), the held-out pairs
 check that the policy was not fitted to them.
