@@ -153,6 +153,21 @@ def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
 
 
+def test_tuned_policy_file_drives_the_backend_like_the_trial(mlp, tmp_path):
+    _quiet()
+    evaluate = OutputError(mlp)
+    result = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=6)
+    assert result.best.linear_params < result.dense.linear_params
+    path = result.write(tmp_path / "tuned.toml")
+    frozen = make_mlp().requires_grad_(False)
+    compiled = torch.compile(frozen, backend=panther_fx.panther_backend, fullgraph=True,
+                             options={"policy": str(path), "use_inductor": False})
+    with torch.no_grad():
+        assert evaluate(compiled) == pytest.approx(result.best.quality, abs=1e-6)
+    rewritten = {r.path: r.rank for r in panther_fx.last_report().rewritten}
+    assert rewritten == {p: int(label.split(":")[1]) for p, label in result.best.choices.items() if label != "dense"}
+
+
 def test_result_write_table_and_pareto(mlp, tmp_path):
     _quiet()
     result = tune(mlp, OutputError(mlp), example_inputs=None, min_quality=-0.1, n_trials=8)
