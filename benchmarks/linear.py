@@ -202,9 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-time", type=float, default=0.2, help="keep timing until this many seconds have passed")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--tablefmt", default="github")
+    p.add_argument("--cuda-fused-limits", type=ints, default=None, metavar="MAX_TOKENS,MAX_WORK",
+                   help="set the CUDA fused small-token kernel's limits (tokens <= MAX_TOKENS and "
+                        "tokens*in*rank <= MAX_WORK; 0,0 turns it off) to measure the crossover")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cuda_fused_limits:
+        if not panther_fx.kernel_info()["extension_cuda"]:
+            p.error("--cuda-fused-limits needs panther_fx._C built with CUDA kernels")
+        print("# CUDA fused limits [max_tokens, max_work]:", torch.ops.panther._cuda_fused_limits(*args.cuda_fused_limits))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)  # benchmark inputs only; library code never touches the global RNG
     timer = Timer(device, args.reps, args.warmup, args.min_time)
