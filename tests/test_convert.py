@@ -323,3 +323,19 @@ def test_linear_subclass_is_reported_dense_or_refused():
     assert type(model[0]) is Scaled and report[0].status == "dense" and "Scaled subclasses nn.Linear" in report[0].reason
     with pytest.raises(ConversionError, match="rule 1 .* selects '0' \\(Scaled\\)"):
         panther_fx.convert(model, {"rule": [{"match": "0", "rank": 4}]})
+
+
+def test_conv2d_convert_matches_the_backend():
+    from panther_fx.nn import LowRankConv2d, SKConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, bias=False))
+    policy = {"defaults": {"method": "svd", "rank": 6},
+              "rule": [{"match": "2", "op": "conv2d", "method": "sketch", "num_terms": 1, "low_rank": 4}]}
+    converted, report = panther_fx.convert(model, policy, inplace=False)
+    assert type(converted[0]) is LowRankConv2d and type(converted[2]) is SKConv2d
+    assert [r.status for r in report] == ["rewritten", "rewritten"]
+    compiled = torch.compile(model, backend="panther", fullgraph=True, options={"policy": policy, "use_inductor": False})
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), compiled(x), rtol=1e-5, atol=1e-5)

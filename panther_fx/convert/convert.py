@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ..nn.conv import LowRankConv2d, SKConv2d
 from ..nn.linear import LowRankLinear, SKLinear
-from ..passes import FactorCache, plan_linear
+from ..passes import FactorCache, plan_conv2d, plan_linear
 from ..policy import Decision, Policy, PolicyError, load_policy
 from ..report import LayerReport, Report
 
@@ -102,6 +103,23 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     return Converted(new.train(module.training), decision, plan.report)
 
 
+def convert_conv2d(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """nn.Conv2d -> :class:`LowRankConv2d` (svd) or :class:`SKConv2d` (sketch), geometry and bias kept."""
+    plan = plan_conv2d(path, module.weight, ctx.policy, ctx.cache, groups=module.groups)
+    if plan.factors is None:
+        return Converted(None, plan.decision, plan.report)
+    tied = _tied_elsewhere(ctx, module)
+    if tied:
+        why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
+        if _named_by_rule(plan.decision):
+            raise ctx.rule_error(plan.decision, module, why)
+        return Converted(None, plan.decision, _dense_row(plan.report, why))
+    new = (SKConv2d if plan.decision.method == "sketch" else LowRankConv2d).from_factors(module, plan.factors)
+    for name, p in new.named_parameters():  # frozen layers stay frozen
+        p.requires_grad_((module.bias if name == "bias" else module.weight).requires_grad)
+    return Converted(new.train(module.training), plan.decision, plan.report)
+
+
 def _dense_row(row: LayerReport, reason: str) -> LayerReport:
     n = row.params_before
     return LayerReport(row.path, row.op, "dense", row.shape, "dense", reason=reason, params_before=n, params_after=n)
@@ -131,6 +149,7 @@ def refuse_linear_subclass(ctx: ConvertContext, path: str, module: nn.Module) ->
 
 CONVERTERS: dict[type[nn.Module], Converter] = {
     nn.Linear: convert_linear,
+    nn.Conv2d: convert_conv2d,
     NonDynamicallyQuantizableLinear: refuse_mha_linear,
 }
 """Exact module type -> converter. Subclasses are not converted implicitly: their ``forward`` may differ."""
