@@ -127,7 +127,9 @@ def test_multihead_attention_out_proj_is_left_alone_or_refused():
     model = nn.Sequential(nn.MultiheadAttention(32, 4))
     report = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 4}})
     assert type(model[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert report[0].status == "dense" and "MultiheadAttention" in report[0].reason
+    rows = {r.path: r for r in report}
+    assert rows["0"].op == "attention" and rows["0"].status == "dense"  # no attention rule
+    assert rows["0.out_proj"].status == "dense" and "MultiheadAttention" in rows["0.out_proj"].reason
     with pytest.raises(ConversionError, match="out_proj"):
         panther_fx.convert(model, {"rule": [{"match": "0.out_proj", "rank": 4}]})
 
@@ -339,3 +341,19 @@ def test_conv2d_convert_matches_the_backend():
     x = torch.randn(2, 8, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), compiled(x), rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_converts_to_performer():
+    from panther_fx.nn import RandMultiheadAttention
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, batch_first=True))
+    policy = {"rule": [{"match": "0", "op": "attention", "method": "performer", "features": 64}]}
+    converted, report = panther_fx.convert(model, policy, inplace=False)
+    assert type(converted[0]) is RandMultiheadAttention and report[0].method == "performer" and len(report) == 1
+    torch.testing.assert_close(converted[0].out_proj.weight, model[0].out_proj.weight)
+    x = torch.randn(2, 10, 32)
+    out, _ = converted[0](x, x, x, need_weights=False)
+    exact, _ = model[0](x, x, x, need_weights=False)
+    assert out.shape == exact.shape and torch.isfinite(out).all()
+    assert (out - exact).norm() < 0.5 * exact.norm()  # a Performer approximation of the same attention

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ..linalg import layer_generator
+from ..nn.attention import RandMultiheadAttention
 from ..nn.conv import LowRankConv2d, SKConv2d
 from ..nn.linear import LowRankLinear, SKLinear
 from ..passes import FactorCache, plan_conv2d, plan_linear
@@ -120,6 +122,25 @@ def convert_conv2d(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     return Converted(new.train(module.training), plan.decision, plan.report)
 
 
+def convert_mha(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """nn.MultiheadAttention -> :class:`RandMultiheadAttention` (Performer) with the same projections; the
+    features are seeded per layer from the policy seed and the path, as in the backend."""
+    decision = ctx.policy.decide(path, "attention")
+    shape = (module.num_heads, module.head_dim)
+    if not decision.rewrites:
+        return Converted(None, decision, LayerReport(path, "attention", "dense", shape, "dense", reason=decision.reason))
+    try:
+        new = RandMultiheadAttention.from_dense(module, num_features=decision.features, kernel=decision.kernel,
+                                                seed=layer_generator(decision.seed, path))
+    except ValueError as e:
+        if _named_by_rule(decision):
+            raise ctx.rule_error(decision, module, str(e)) from None
+        return Converted(None, decision, LayerReport(path, "attention", "dense", shape, "dense", reason=str(e)))
+    row = LayerReport(path, "attention", "performer", shape, "rewritten", reason=f"kernel={decision.kernel}",
+                      rank=decision.features)
+    return Converted(new, decision, row)
+
+
 def _dense_row(row: LayerReport, reason: str) -> LayerReport:
     n = row.params_before
     return LayerReport(row.path, row.op, "dense", row.shape, "dense", reason=reason, params_before=n, params_after=n)
@@ -150,6 +171,7 @@ def refuse_linear_subclass(ctx: ConvertContext, path: str, module: nn.Module) ->
 CONVERTERS: dict[type[nn.Module], Converter] = {
     nn.Linear: convert_linear,
     nn.Conv2d: convert_conv2d,
+    nn.MultiheadAttention: convert_mha,
     NonDynamicallyQuantizableLinear: refuse_mha_linear,
 }
 """Exact module type -> converter. Subclasses are not converted implicitly: their ``forward`` may differ."""
