@@ -7,6 +7,7 @@ skips loading it (the fallback bodies then run everywhere).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -24,12 +25,17 @@ def load_extension() -> bool:
     if os.environ.get("PANTHER_NO_EXT") == "1":
         _state["error"] = "disabled by PANTHER_NO_EXT=1"
         return False
+    if importlib.util.find_spec("panther_fx._C") is None:
+        _state["error"] = "not built"
+        warnings.warn("panther_fx: the native extension is not built; using the PyTorch reference ops. "
+                      "Build it with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+        return False
     try:
         from panther_fx import _C  # noqa: F401  (static initializers register the kernels)
-    except ImportError as e:
+    except ImportError as e:  # built, but for another torch or with a missing symbol
         _state["error"] = str(e)
-        warnings.warn(f"panther_fx: native kernels unavailable ({e}); using the PyTorch reference ops. "
-                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"panther_fx: the native extension failed to load ({e}); using the PyTorch reference "
+                      "ops. Rebuild it with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
         return False
     _state["loaded"] = True
     return True
