@@ -37,3 +37,27 @@ def test_inspect_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "ok.toml").write_text('[defaults]\nmethod = "svd"\nrank = 4\n')
     assert main(["inspect", "toy_model:nope", "--policy", "ok.toml"]) == 2
     assert "module 'toy_model' has no attribute 'nope'" in capsys.readouterr().err
+
+
+def test_inspect_model_reports_attention_and_counts_attention_rules():
+    import warnings
+
+    from torch import nn
+
+    from panther_fx.passes import inspect_model
+    from panther_fx.policy import Policy
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.self_attention = nn.Identity()  # stands for a module that calls SDPA (HF BertSelfAttention)
+
+    policy = Policy.load({"rule": [{"match": "attn", "op": "attention", "features": 64},
+                                   {"match": "self_attention", "op": "attention"}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = inspect_model(Block(), policy)
+    rows = {r.path: r for r in report}
+    assert rows["attn"].status == "rewritten" and rows["attn"].method == "performer" and rows["attn"].rank == 64
+    assert rows["attn.out_proj"].status == "dense"

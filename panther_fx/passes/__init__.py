@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..policy import Policy
-from ..report import Report
+from ..report import LayerReport, Report
 from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, module_path
 from .linear import LINEAR_TARGETS, LinearPlan, factorize_linear, plan_linear, rewrite_linear
 from .conv2d import CONV2D_TARGETS, ConvPlan, factorize_conv2d, plan_conv2d, rewrite_conv2d
@@ -38,9 +38,24 @@ def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) 
             plan = plan_conv2d(path, module.weight, policy, cache, groups=module.groups)
             decisions.append(plan.decision)
             report.append(plan.report)
+        else:
+            decision = policy.decide(path, "attention")
+            if isinstance(module, nn.MultiheadAttention):
+                report.append(_attention_dry_run(decision, module))
+            if decision.rule_index is not None or isinstance(module, nn.MultiheadAttention):
+                # Attention runs inside modules (HF's SDPA call in BertSelfAttention): count the rule as used.
+                decisions.append(decision)
     if policy.rules:
         policy.warn_unused(decisions)
     return report
+
+
+def _attention_dry_run(decision, module: nn.MultiheadAttention) -> LayerReport:
+    shape = (module.embed_dim, module.num_heads)
+    if not decision.rewrites:
+        return LayerReport(decision.path, "attention", "dense", shape, "dense", reason=decision.reason)
+    return LayerReport(decision.path, "attention", decision.method, shape, "rewritten", rank=decision.features,
+                       reason="dry run: masks and need_weights are checked when the graph is compiled")
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Policy, *,
