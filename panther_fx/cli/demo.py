@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> None:
             cal_task = RetrievalTask(tokenizer, cal_pairs, max_length=args.max_length, batch_size=args.batch_size)
             texts = [t for pair in cal_pairs for t in pair]
             options["calibration"] = calibrate(model, [enc for _, enc in cal_task.batches(texts)], policy=policy)
-        # dynamic=True: one graph for every (batch, tokens) shape, instead of a static compile and then a
-        # dynamic recompile on the second shape (Inductor compiles dominate the demo on 2 CPU cores).
+        # dynamic=True: symbolic (batch, tokens) from the start, so shapes do not each recompile (Inductor
+        # compiles dominate the demo on 2 CPU cores). HF BERT still gets a second graph on the second shape.
         compiled = torch.compile(model, backend="panther", options=options, dynamic=True)
         t0 = time.perf_counter()
         with bar("panther (compiles on the first batch)") as progress:
