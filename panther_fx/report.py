@@ -14,7 +14,8 @@ class LayerReport:
     """One layer: what it was, what it became and why.
 
     ``flop_ratio`` is factored / dense multiply-adds per token (< 1 is cheaper); ``rel_error`` is
-    ‖W - Ŵ‖_F / ‖W‖_F of the factored weight Ŵ. ``status`` is ``"rewritten"`` or ``"dense"``.
+    ‖W - Ŵ‖_F / ‖W‖_F of the factored weight Ŵ, or for asvd the error on the calibration inputs
+    ‖(W - Ŵ) S‖_F / ‖W S‖_F with S Sᵀ = XᵀX. ``status`` is ``"rewritten"`` or ``"dense"``.
     """
 
     path: str
