@@ -50,10 +50,6 @@ def _bias_given(inputs: tuple, position: int) -> bool:
     return len(inputs) > position and inputs[position] is not None
 
 
-def _needs(ctx, count: int) -> tuple[bool, ...]:
-    return tuple(ctx.needs_input_grad) + (False,) * (count - len(ctx.needs_input_grad))
-
-
 def _lowrank_setup(ctx, inputs, output):
     x, A, B = inputs[:3]
     ctx.save_for_backward(x, A, B)

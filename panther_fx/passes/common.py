@@ -109,6 +109,7 @@ class RewriteContext:
     decisions: list[Decision] = field(default_factory=list)
     guard: StaleFactorGuard = field(default_factory=StaleFactorGuard)
     _values: dict[fx.Node, Any] = field(default_factory=dict)
+    _factor_nodes: dict[int, dict[str, fx.Node]] = field(default_factory=dict)
     _counter: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +140,19 @@ class RewriteContext:
 
             self.gm._param_name_to_source[name] = ConstantSource(name)
         return self.gm.graph.get_attr(name)
+
+    def factor_nodes(self, path: str, weight: torch.Tensor, factors: dict[str, torch.Tensor],
+                     compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, fx.Node]:
+        """``get_attr`` nodes for a layer's factors, created at the current insertion point on first use.
+
+        Layers that share a weight get the same cached factors and so share these nodes (one copy of the
+        buffers); the guard refactors them in place if the weight changes after compilation.
+        """
+        if id(factors) not in self._factor_nodes:
+            self._factor_nodes[id(factors)] = {name: self.add_constant(f"{path}_{name}", t)
+                                               for name, t in factors.items()}
+            self.guard.watch(path, weight, compute, factors)
+        return self._factor_nodes[id(factors)]
 
     def check_trainable(self, path: str, weight: torch.Tensor) -> None:
         """Refuse (or, with ``allow_training``, warn) to bake factors of a weight that is being trained."""

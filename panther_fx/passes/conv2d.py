@@ -141,7 +141,6 @@ def _report_transposed(ctx: RewriteContext, node: fx.Node) -> None:
 
 def rewrite_conv2d(ctx: RewriteContext) -> None:
     graph = ctx.gm.graph
-    factor_nodes: dict[int, dict[str, fx.Node]] = {}  # id(factors) -> get_attr nodes; shared kernels share them
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -167,13 +166,8 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
         if plan.factors is None:
             continue
         ctx.check_trainable(path, weight)
-        factors = plan.factors
         with graph.inserting_before(node):
-            if id(factors) not in factor_nodes:
-                factor_nodes[id(factors)] = {name: ctx.add_constant(f"{path}_{name}", t)
-                                             for name, t in factors.items()}
-                ctx.guard.watch(path, weight, plan.compute, factors)
-            nodes = factor_nodes[id(factors)]
+            nodes = ctx.factor_nodes(path, weight, plan.factors, plan.compute)
             if plan.decision.method == "sketch":
                 op, first, mix = torch.ops.panther.sketched_conv2d.default, nodes["S1"], nodes["U1"]
             else:

@@ -123,7 +123,6 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
 
 def rewrite_linear(ctx: RewriteContext) -> None:
     graph = ctx.gm.graph
-    factor_nodes: dict[int, dict[str, fx.Node]] = {}  # id(factors) -> get_attr nodes; tied weights share them
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
             continue
@@ -139,12 +138,8 @@ def rewrite_linear(ctx: RewriteContext) -> None:
         if plan.factors is None:
             continue
         ctx.check_trainable(path, weight)
-        factors = plan.factors
         with graph.inserting_before(node):
-            if id(factors) not in factor_nodes:
-                factor_nodes[id(factors)] = {name: ctx.add_constant(f"{path}_{name}", t) for name, t in factors.items()}
-                ctx.guard.watch(path, weight, plan.compute, factors)
-            nodes = factor_nodes[id(factors)]
+            nodes = ctx.factor_nodes(path, weight, plan.factors, plan.compute)
             if plan.decision.method == "sketch":
                 op = torch.ops.panther.sketched_linear.default
                 new = graph.call_function(op, (x, nodes["S1"], nodes["S2"], nodes["U1"], nodes["U2"], b))
