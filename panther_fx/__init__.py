@@ -8,6 +8,7 @@ Importing this package registers the ``torch.ops.panther`` ops; the backend itse
 
 from . import linalg, ops
 from .backend import compile, last_report, panther_backend
+from .calibration import calibrate
 from .convert import convert, load, save
 from .distill import distill
 from .ops import kernel_info
@@ -17,7 +18,7 @@ from .report import LayerReport, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "Decision", "LayerReport", "Policy", "PolicyError", "Report", "compile", "kernel_info", "last_report",
+    "Decision", "LayerReport", "Policy", "PolicyError", "Report", "calibrate", "compile", "kernel_info", "last_report",
     "linalg", "load_policy", "ops", "panther_backend",
     "convert", "distill", "load", "save",
     "tune",
