@@ -166,9 +166,10 @@ def _(x, V, U, bias, stride, padding, dilation, groups):
     return _conv_mix(x, V, _lowrank_mix(U), bias, stride, padding, dilation, groups)
 
 
-def _lowrank_setup(ctx, inputs, output):
-    x, V, U, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, V, U)
+def _conv_setup(ctx, inputs, output):
+    """Both conv ops: save (x, first-conv weight, mix factor) and the convolution geometry."""
+    x, first, mix, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, first, mix)
     ctx.conv = (bias is not None, list(stride), list(padding), list(dilation), groups)
 
 
@@ -181,7 +182,7 @@ def _lowrank_backward(ctx, gy):
     return gx, gV, gU, gbias, None, None, None, None
 
 
-lowrank_conv2d.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+lowrank_conv2d.register_autograd(_lowrank_backward, setup_context=_conv_setup)
 autocast_to_lower_precision("panther::lowrank_conv2d")
 
 
@@ -215,12 +216,6 @@ def _(x, S1, U1, bias, stride, padding, dilation, groups):
     return _conv_mix(x, S1, sketch_mix_weight(U1), bias, stride, padding, dilation, groups)
 
 
-def _sketched_setup(ctx, inputs, output):
-    x, S1, U1, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, S1, U1)
-    ctx.conv = (bias is not None, list(stride), list(padding), list(dilation), groups)
-
-
 def _sketched_backward(ctx, gy):
     x, S1, U1 = ctx.saved_tensors
     need_x, need_S1, need_U1, need_bias = ctx.needs_input_grad[:4]
@@ -233,5 +228,5 @@ def _sketched_backward(ctx, gy):
     return gx, gS1, gU1, gbias, None, None, None, None
 
 
-sketched_conv2d.register_autograd(_sketched_backward, setup_context=_sketched_setup)
+sketched_conv2d.register_autograd(_sketched_backward, setup_context=_conv_setup)
 autocast_to_lower_precision("panther::sketched_conv2d")
