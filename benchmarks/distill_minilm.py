@@ -5,7 +5,8 @@
 
 1. Dense model: Recall@1 / MRR of description -> article retrieval on ``--n-eval`` Wikipedia pairs
    (panther_fx.evaluation.retrieval, pairs [0, n_eval) of the seed-0 order).
-2. ``convert`` with ``method = "svd"``, ``rank = --rank`` on every Linear (the 36 encoder Linears and the
+2. ``convert`` with ``method = --method`` (svd, or asvd calibrated on the distillation texts),
+   ``rank = --rank`` on every Linear (the 36 encoder Linears and the
    pooler): the Linear parameter reduction is printed from the convert report.
 3. Distil the compressed model from the dense one on Wikipedia article text DISJOINT from the evaluation
    pairs (pairs [n_eval, n_eval + train_texts) of the same order: their leads, cut to ``--seq-len`` tokens),
@@ -34,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-eval", type=int, default=1000, help="evaluation pairs (default 1000)")
     p.add_argument("--rank", type=int, default=127, help="SVD rank of every Linear (127: >= 50%% fewer Linear parameters)")
+    p.add_argument("--method", choices=("svd", "asvd"), default="svd",
+                   help="asvd is calibrated on the distillation texts (disjoint from the evaluation pairs)")
     p.add_argument("--train-texts", type=int, default=1024, help="article leads used for distillation")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per distillation text")
     p.add_argument("--batch-size", type=int, default=16)
@@ -73,16 +76,19 @@ def main() -> None:
     train_pairs = load_wiki_pairs(args.train_texts, seed=0, start=args.n_eval)  # disjoint from evaluation
     dense = evaluate("dense", teacher, task)
 
-    student, report = panther_fx.convert(teacher, {"defaults": {"method": "svd", "rank": args.rank}}, inplace=False)
+    # Leads (cut to seq_len) and their short descriptions: the two kinds of text the task embeds.
+    leads = distillation_batches(tokenizer, [lead for _, lead in train_pairs], args.seq_len, args.batch_size)
+    descriptions = distillation_batches(tokenizer, [d for d, _ in train_pairs], args.seq_len, args.batch_size)
+    batches = [b for pair in zip(leads, descriptions) for b in pair]
+
+    policy = {"defaults": {"method": args.method, "rank": args.rank}}
+    grams = panther_fx.calibrate(teacher, batches, policy=policy) if args.method == "asvd" else None
+    student, report = panther_fx.convert(teacher, policy, calibration=grams, inplace=False)
     before, after = report.params()
     print(report.table(), flush=True)
     compressed = evaluate("compressed", student, task, reference=dense.embeddings)
 
     student.embeddings.requires_grad_(False)  # the embedding table is not compressed: keep it as is
-    # Leads (cut to seq_len) and their short descriptions: the two kinds of text the task embeds.
-    leads = distillation_batches(tokenizer, [lead for _, lead in train_pairs], args.seq_len, args.batch_size)
-    descriptions = distillation_batches(tokenizer, [d for d, _ in train_pairs], args.seq_len, args.batch_size)
-    batches = [b for pair in zip(leads, descriptions) for b in pair]
     start = time.perf_counter()
     history = panther_fx.distill(student, teacher, batches, epochs=args.epochs, lr=args.lr, loss=args.loss)
     train_s = time.perf_counter() - start
@@ -92,9 +98,10 @@ def main() -> None:
 
     rows = [(name, f"{r.recall_at_1:.4f}", f"{r.mrr:.4f}", "" if r.mean_cosine is None else f"{r.mean_cosine:.4f}",
              f"{r.recall_at_1 - dense.recall_at_1:+.4f}")
-            for name, r in (("dense", dense), ("compressed (svd)", compressed), ("compressed + distilled", distilled))]
+            for name, r in (("dense", dense), (f"compressed ({args.method})", compressed),
+                            ("compressed + distilled", distilled))]
     print(f"\nall-MiniLM-L6-v2, {args.n_eval} Wikipedia description -> article pairs; Linear weights "
-          f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer), rank {args.rank}")
+          f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer), {args.method} rank {args.rank}")
     print(tabulate(rows, headers=("model", "Recall@1", "MRR", "cos to dense", "ΔRecall@1"), tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
