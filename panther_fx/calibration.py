@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .batches import call_model
 from .policy import load_policy
 
 __all__ = ["calibrate"]
@@ -32,15 +33,6 @@ def _token_mask(batch: Any) -> torch.Tensor | None:
         mask = batch["attention_mask"]
         return mask.bool() if mask.dim() == 2 else None
     return None
-
-
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 @torch.no_grad()
@@ -74,7 +66,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, policy: Any = None) -
         seen = 0
         for batch in batches:
             current["mask"] = _token_mask(batch)
-            _run(model, batch)
+            call_model(model, batch)
             seen += 1
     finally:
         for h in handles:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import call_model
+
 __all__ = ["distill", "hidden_states"]
 
 Batch = Mapping[str, Tensor] | Tensor | tuple
@@ -29,14 +31,6 @@ def hidden_states(output: Any) -> Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"distill: cannot find hidden states in a {type(output).__name__}; pass features=")
-
-
-def _call(model: nn.Module, batch: Batch) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _mask(batch: Batch, h: Tensor) -> Tensor:
@@ -89,8 +83,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
             bar = tqdm(batches, desc=f"distill {epoch + 1}/{epochs}", disable=not progress, leave=True)
             for batch in bar:
                 with torch.no_grad():
-                    target = features(_call(teacher, batch))
-                hs = features(_call(student, batch))
+                    target = features(call_model(teacher, batch))
+                hs = features(call_model(student, batch))
                 value = _loss(loss, hs, target.to(hs.dtype), _mask(batch, hs))
                 opt.zero_grad(set_to_none=True)
                 value.backward()

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
+from ..batches import call_model
 from ..passes import FactorCache, plan_linear
 from ..policy import Policy
 from ..report import Report
@@ -76,14 +77,6 @@ def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Re
             parent._modules[name] = module
 
 
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 def _device(model: nn.Module) -> torch.device:
     tensor = next(model.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -100,12 +93,12 @@ def latency_ms(model: nn.Module, example_inputs: Any, *, warmup: int = LATENCY_W
     """Median wall time of one forward over ``example_inputs`` on the model's device, after warm-up."""
     device = _device(model)
     for _ in range(warmup):
-        _call(model, example_inputs)
+        call_model(model, example_inputs)
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        _call(model, example_inputs)
+        call_model(model, example_inputs)
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
@@ -156,12 +149,12 @@ def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _call(model, example_inputs)
+        call_model(model, example_inputs)
         _sync(device)
         return weights + torch.cuda.max_memory_allocated(device) - base
     tracker = _LiveBytes()
     with tracker:
-        _call(model, example_inputs)
+        call_model(model, example_inputs)
     peak = tracker.peak
     for ref, _ in tracker.live.values():
         torch.UntypedStorage._free_weak_ref(ref)
