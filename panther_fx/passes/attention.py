@@ -234,9 +234,7 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
                                   (query, args["key"], args["value"], features, mask),
                                   {"kernel_fn": decision.kernel, "causal": args["is_causal"],
                                    "scale": None if scale is None else float(scale)})
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    ctx.gm.graph.erase_node(node)
+    ctx.replace_node(node, new)
     _rewritten(ctx, decision, shape, v.shape[3], args["is_causal"])
 
 
@@ -295,9 +293,7 @@ def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
             (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
              a["out_proj_weight"], a["out_proj_bias"], features, a["key_padding_mask"]),
             {"kernel": decision.kernel, "causal": causal})
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    ctx.replace_node(node, new)
     _rewritten(ctx, decision, shape, shape[3], causal)
 
 

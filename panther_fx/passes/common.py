@@ -154,6 +154,12 @@ class RewriteContext:
             self.guard.watch(path, weight, compute, factors)
         return self._factor_nodes[id(factors)]
 
+    def replace_node(self, node: fx.Node, new: fx.Node) -> None:
+        """Route every use of ``node`` to ``new`` (which inherits its meta: module stack, example value)."""
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+
     def check_trainable(self, path: str, weight: torch.Tensor) -> None:
         """Refuse (or, with ``allow_training``, warn) to bake factors of a weight that is being trained."""
         if not (weight.requires_grad and torch.is_grad_enabled()):

@@ -173,6 +173,4 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
             else:
                 op, first, mix = torch.ops.panther.lowrank_conv2d.default, nodes["V"], nodes["U"]
             new = graph.call_function(op, (args[0], first, mix, args[2], stride, padding, dilation, groups))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        ctx.replace_node(node, new)

@@ -146,6 +146,4 @@ def rewrite_linear(ctx: RewriteContext) -> None:
             else:
                 op = torch.ops.panther.lowrank_linear.default
                 new = graph.call_function(op, (x, nodes["A"], nodes["B"], b))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        ctx.replace_node(node, new)
