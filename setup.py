@@ -6,9 +6,12 @@ Build decision:
   the install: a silent fallback would hide missing kernels. ``panther-fx info`` reports what is active.
 - ``PANTHER_BUILD_EXT=0`` skips the extension; the pure-PyTorch op bodies then run on every device (and
   ``PANTHER_NO_EXT=1`` at run time ignores a built extension).
-- ``PANTHER_CUDA=auto|0|1`` chooses the CUDA sources: auto builds them when torch is a CUDA build and a CUDA
-  toolkit is found (CUDA_HOME), whether or not a GPU is visible. Without a visible GPU set TORCH_CUDA_ARCH_LIST
-  (default here "8.0;9.0") and, if nvcc's parent directory lacks lib64/libcudart, CUDA_HOME to the toolkit root.
+- ``PANTHER_CUDA=0|1`` chooses the CUDA sources; the default is 0. The CUDA kernels compile but have not yet
+  been run on a GPU, and an unvalidated kernel must not replace correct cuBLAS results behind a user's back:
+  without them the ops run their PyTorch bodies on CUDA (cuBLAS GEMMs in the op's dtype). ``PANTHER_CUDA=1``
+  builds them (torch must be a CUDA build with a toolkit at CUDA_HOME); without a visible GPU set
+  TORCH_CUDA_ARCH_LIST (default here "8.0;9.0") and, if nvcc's parent directory lacks lib64/libcudart,
+  CUDA_HOME to the toolkit root.
 - The extension is abi3 (``py_limited_api``: one build per torch version for every supported CPython), has no
   pybind module (a dummy ``PyInit__C``) and only registers ``TORCH_LIBRARY_IMPL(panther, CPU|CUDA)`` kernels
   for ops whose schemas live in ``panther_fx/ops``. It is built against one torch version; rebuild after
@@ -27,8 +30,13 @@ def ext_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    want = os.environ.get("PANTHER_CUDA", "auto")
-    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) if want == "auto" else want == "1"
+    want = os.environ.get("PANTHER_CUDA", "0")
+    if want not in ("0", "1"):
+        raise ValueError(f"PANTHER_CUDA must be 0 or 1, got {want!r}")
+    use_cuda = want == "1"
+    if use_cuda and (torch.version.cuda is None or CUDA_HOME is None):
+        raise RuntimeError(f"PANTHER_CUDA=1 needs a CUDA build of torch (this is {torch.__version__}) and a CUDA "
+                           f"toolkit (CUDA_HOME={CUDA_HOME})")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return []

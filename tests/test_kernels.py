@@ -190,9 +190,14 @@ def test_errors_name_the_op_and_shapes():
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
 CUDA_TOKENS = [(1,), (7,), (3, 50), (300,), (4, 256)]  # fused kernel up to 256 tokens, cuBLAS above
+# The CUDA kernels are opt-in at build time (PANTHER_CUDA=1, setup.py); without them the ops' PyTorch bodies
+# run on CUDA and the tests below that do not count native calls still check them.
+needs_cuda_ext = pytest.mark.skipif(not panther_fx.kernel_info()["ops"]["lowrank_linear"]["cuda"],
+                                    reason="CUDA kernels not built (build with PANTHER_CUDA=1)")
 
 
 @pytest.mark.cuda
+@needs_cuda_ext
 def test_cuda_kernels_registered():
     info = panther_fx.kernel_info()
     for op in OPS:
@@ -201,6 +206,7 @@ def test_cuda_kernels_registered():
 
 
 @pytest.mark.cuda
+@needs_cuda_ext
 @pytest.mark.parametrize("method", ["lowrank", "sketched"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lead", CUDA_TOKENS)
