@@ -8,11 +8,13 @@ Tables (times are medians over ``--reps`` runs after one warm-up; CUDA synchroni
 * rsvd: ``panther_fx.linalg.rsvd`` (gaussian and sparse_sign test matrices) vs ``torch.svd_lowrank`` (same
   q = rank + 10 columns, niter = 2) and the full ``torch.linalg.svd``; ``err/opt`` is ‖A − U S Vh‖_F over the
   optimal rank-r error (the full SVD's tail), on A = G₁ diag(i^-1/2) G₂ᵀ (slow decay, the hard case).
-* cqrrpt vs ``torch.linalg.qr`` (Householder, reduced Q and R) and ``scipy.linalg.qr(pivoting=True)`` (CPU):
-  ``rec`` = ‖AP − QR‖/‖A‖, ``orth`` = ‖QᵀQ − I‖_F, both in units of the dtype's eps.
+* cqrrpt vs ``torch.linalg.qr`` (Householder, reduced Q and R) and ``scipy.linalg.qr(pivoting=True,
+  mode="economic")`` (CPU; the column says n/a without SciPy), all interleaved: ``rec`` = ‖AP − QR‖/‖A‖,
+  ``orth`` = ‖QᵀQ − I‖_F, both in units of the dtype's eps; speedups are ratios of medians.
 * sketched_lstsq vs ``torch.linalg.lstsq`` (the default driver; gels on CUDA): residual relative to the best.
-* fwht (``torch.ops.panther.fwht``, native kernel if registered) and the SRHT apply: achieved bandwidth
-  2·bytes/time against the copy roofline measured in the same run (``x.clone()``).
+* fwht (``torch.ops.panther.fwht``, native kernel if registered, and its reference body) and the SRHT apply:
+  achieved bandwidth 2·bytes/time against the copy roofline measured in the same run (``x.clone()``).
+* sparse: ``panther::sparse_sketch(_t)`` against their reference bodies at the shapes the solvers use.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tabulate import tabulate
 
 from panther_fx.linalg import cqrrpt, make_sketch, rsvd, sketched_lstsq
 from panther_fx.ops import kernel_info
-from panther_fx.ops.linalg import fwht
+from panther_fx.ops.linalg import fwht, sparse_sketch, sparse_sketch_t
 
 SIZES = {
     "cpu": dict(rsvd=(2048, 2048, 64), cqrrpt=(100_000, 200), lstsq=(100_000, 200), fwht=(4096, 1024)),
@@ -42,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", default="rsvd,cqrrpt,lstsq,fwht", help="comma-separated subset of tables")
+    p.add_argument("--only", default="rsvd,cqrrpt,lstsq,fwht,sparse", help="comma-separated subset of tables")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     return p.parse_args()
@@ -119,34 +121,59 @@ def _qr_errors(A, Q, R, piv=None) -> tuple[float, float]:
 
 
 def bench_cqrrpt(device: str, reps: int) -> list[list]:
+    """All methods run interleaved ``reps`` times (SciPy included on the CPU), so a load change on a shared
+    machine hits them alike; the speedup columns are ratios of the medians."""
     m, n = SIZES[_sizes(device)]["cqrrpt"]
     rows = []
     for dtype in (torch.float32, torch.float64):
         g = torch.Generator(device=device).manual_seed(1)
         A = torch.randn(m, n, generator=g, device=device, dtype=dtype) * torch.logspace(0, -4, n, device=device, dtype=dtype)
         label = f"{m}x{n} {str(dtype)[6:]} cond~1e4"
-        t_qr, (Q, R) = timed(lambda: torch.linalg.qr(A), reps, device)
-        rows.append(["torch.linalg.qr (Householder)", label, f"{t_qr:.1f}", "1.0", *_fmt(_qr_errors(A, Q, R)), n])
-        t, (Q, R, piv) = timed(lambda: cqrrpt(A, generator=0), reps, device)
-        rows.append(["cqrrpt sparse_sign", label, f"{t:.1f}", f"{t_qr / t:.1f}", *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
-        t, (Q, R, piv) = timed(lambda: cqrrpt(A, generator=0, pivoting=False), reps, device)
-        rows.append(["cqrrpt pivoting=False", label, f"{t:.1f}", f"{t_qr / t:.1f}", *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
+        runs = {
+            "torch.linalg.qr (Householder)": lambda: (*torch.linalg.qr(A), None),
+            "cqrrpt sparse_sign": lambda: cqrrpt(A, generator=0),
+            "cqrrpt pivoting=False": lambda: cqrrpt(A, generator=0, pivoting=False),
+        }
         if device == "cpu":
-            rows.append(_scipy_qrcp(A, label, t_qr))
+            runs["scipy.linalg.qr pivoting"] = _scipy_qrcp(A)
+        times, outs = _interleaved(runs, reps, device)
+        t_qr, t_sp = times["torch.linalg.qr (Householder)"], times.get("scipy.linalg.qr pivoting")
+        for name, (Q, R, piv) in outs.items():
+            t = times[name]
+            vs_scipy = "" if t_sp is None else f"{t_sp / t:.2f}" if isinstance(t_sp, float) else t_sp
+            rows.append([name, label, f"{t:.1f}", f"{t_qr / t:.2f}", vs_scipy, *_fmt(_qr_errors(A, Q, R, piv)), Q.shape[1]])
     return rows
 
 
-def _scipy_qrcp(A: torch.Tensor, label: str, t_qr: float) -> list:
+def _interleaved(runs: dict[str, Callable[[], object]], reps: int, device: str) -> tuple[dict, dict]:
+    """Median milliseconds per run name over ``reps`` rounds that each run every callable once (after one
+    warm-up round), and each one's last output. A callable that is None is reported as "n/a"."""
+    live = {name: fn for name, fn in runs.items() if fn is not None}
+    outs = {name: fn() for name, fn in live.items()}
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(max(reps, 1)):
+        for name, fn in live.items():
+            t, outs[name] = timed(fn, 0, device)
+            times[name].append(t)
+    medians: dict = {name: statistics.median(ts) for name, ts in times.items()}
+    medians.update({name: "n/a (no scipy)" for name, fn in runs.items() if fn is None})
+    return medians, outs
+
+
+def _scipy_qrcp(A: torch.Tensor) -> Callable[[], tuple] | None:
+    """``scipy.linalg.qr(A, pivoting=True, mode="economic")`` as a callable returning torch tensors, or None
+    without SciPy (it is not a dependency of panther_fx)."""
     try:
         import scipy.linalg
     except ImportError:
-        return ["scipy.linalg.qr pivoting", label, "n/a (no scipy)", "", "", "", ""]
+        return None
     a = A.numpy()
-    start = time.perf_counter()
-    Q, R, piv = scipy.linalg.qr(a, mode="economic", pivoting=True)
-    t = (time.perf_counter() - start) * 1e3  # one run: it is the slow baseline
-    errs = _qr_errors(A, torch.from_numpy(Q), torch.from_numpy(R), torch.from_numpy(piv))
-    return ["scipy.linalg.qr pivoting (1 run)", label, f"{t:.1f}", f"{t_qr / t:.2f}", *_fmt(errs), R.shape[0]]
+
+    def run():
+        Q, R, piv = scipy.linalg.qr(a, mode="economic", pivoting=True)
+        return torch.from_numpy(Q), torch.from_numpy(R), torch.from_numpy(piv)
+
+    return run
 
 
 def _fmt(errs: tuple[float, float]) -> list[str]:
@@ -174,25 +201,58 @@ def bench_lstsq(device: str, reps: int) -> list[list]:
 
 
 def bench_fwht(device: str, reps: int) -> list[list]:
+    """FWHT (native kernel if registered, and the reference body) against a copy of the same tensor."""
     rows_, n = SIZES[_sizes(device)]["fwht"]
-    x = torch.randn(rows_, n, device=device)
-    nbytes = 2 * x.numel() * x.element_size()  # read + write
-    t_copy, _ = timed(lambda: x.clone(), reps, device)
-    copy_bw = nbytes / t_copy / 1e6
-    out = [["copy (x.clone())", f"{rows_}x{n} fp32", f"{t_copy:.2f}", f"{copy_bw:.1f}", "100%"]]
-    t, _ = timed(lambda: fwht(x), reps, device)
-    out.append(["panther::fwht", f"{rows_}x{n} fp32", f"{t:.2f}", f"{nbytes / t / 1e6:.1f}", f"{100 * t_copy / t:.0f}%"])
-    S = make_sketch("srht", n // 8, n, generator=0, device=device)
-    t, _ = timed(lambda: S.apply(x, dim=-1), reps, device)
-    out.append(["SRHT apply d=n/8", f"{rows_}x{n} fp32", f"{t:.2f}", f"{nbytes / t / 1e6:.1f}", f"{100 * t_copy / t:.0f}%"])
+    out = []
+    for dtype, shape in ((torch.float32, (rows_, n)), (torch.float64, (rows_, n)), (torch.float32, (rows_ // 64, 64 * n))):
+        x = torch.randn(*shape, device=device, dtype=dtype)
+        label = f"{shape[0]}x{shape[1]} {str(dtype)[6:]}"
+        nbytes = 2 * x.numel() * x.element_size()  # read + write
+        runs = {"copy (x.clone())": lambda: x.clone(), "panther::fwht": lambda: fwht(x),
+                "fwht reference body": lambda: fwht._init_fn(x)}
+        if dtype == torch.float32 and shape == (rows_, n):
+            S = make_sketch("srht", n // 8, n, generator=0, device=device)
+            runs["SRHT apply d=n/8"] = lambda: S.apply(x, dim=-1)
+        times, _ = _interleaved(runs, reps, device)
+        t_copy = times["copy (x.clone())"]
+        for name, t in times.items():
+            out.append([name, label, f"{t:.2f}", f"{nbytes / t / 1e6:.1f}", f"{100 * t_copy / t:.0f}%"])
+    return out
+
+
+def bench_sparse(device: str, reps: int) -> list[list]:
+    """panther::sparse_sketch / sparse_sketch_t (native kernel if registered) against their reference bodies,
+    at the shapes cqrrpt (d = 1.25 n), sketched_lstsq (d = 4 n) and rsvd (A applied along its last dim) use."""
+    m, n = SIZES[_sizes(device)]["cqrrpt"]
+    rm, rn, r = SIZES[_sizes(device)]["rsvd"]
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        for what, rows_, cols, d, transposed in (("cqrrpt S@A", m, n, math.ceil(1.25 * n), False),
+                                                  ("lstsq S@A", m, n, 4 * n, False),
+                                                  ("rsvd A@S^T", rn, rm, r + 10, True)):
+            S = make_sketch("sparse_sign", d, rows_, generator=0, dtype=dtype, device=device)
+            A = torch.randn(cols, rows_, device=device, dtype=dtype).mT if transposed else \
+                torch.randn(rows_, cols, device=device, dtype=dtype)
+            G = torch.randn(d, cols, device=device, dtype=dtype)
+            shape = f"{cols}x{rows_}" if transposed else f"{rows_}x{cols}"  # A's own shape
+            label = f"{what} {shape} d={d} {str(dtype)[6:]}"
+            runs = {"sparse_sketch": lambda: sparse_sketch(A, S.rows, S.vals, d),
+                    "sparse_sketch reference": lambda: sparse_sketch._init_fn(A, S.rows, S.vals, d),
+                    "sparse_sketch_t": lambda: sparse_sketch_t(G, S.rows, S.vals),
+                    "sparse_sketch_t reference": lambda: sparse_sketch_t._init_fn(G, S.rows, S.vals)}
+            times, _ = _interleaved(runs, reps, device)
+            for op in ("sparse_sketch", "sparse_sketch_t"):
+                t, t_ref = times[op], times[f"{op} reference"]
+                out.append([op, label, f"{t:.2f}", f"{t_ref:.2f}", f"{t_ref / t:.1f}"])
     return out
 
 
 TABLES = {
     "rsvd": (bench_rsvd, ["method", "problem", "ms", "err/opt"]),
-    "cqrrpt": (bench_cqrrpt, ["method", "problem", "ms", "x vs torch qr", "rec/eps", "orth/eps", "rank"]),
+    "cqrrpt": (bench_cqrrpt, ["method", "problem", "ms", "x vs torch qr", "x vs scipy", "rec/eps", "orth/eps", "rank"]),
     "lstsq": (bench_lstsq, ["method", "problem", "ms", "residual/best - 1"]),
     "fwht": (bench_fwht, ["kernel", "tensor", "ms", "GB/s", "of copy"]),
+    "sparse": (bench_sparse, ["op", "problem", "ms", "reference ms", "x vs reference"]),
 }
 
 

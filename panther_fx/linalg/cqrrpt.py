@@ -130,7 +130,8 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
     k = int((diag >= tau * diag[0]).sum()) if diag[0] > 0 else 0
     if k == 0:
         raise ValueError("cqrrpt: A is numerically zero (rank 0)")
-    L, A_pre, k = _preconditioned_cholesky(A[:, piv[:k]], R_sk)
+    # index_select copies whole rows at a time: about twice as fast as advanced indexing A[:, idx] on the CPU.
+    L, A_pre, k = _preconditioned_cholesky(A.index_select(1, piv[:k]), R_sk)
     return _finish(A_pre, L, R_sk, piv, refine)
 
 
@@ -139,7 +140,10 @@ def _preconditioned_cholesky(A_k: Tensor, R_sk: Tensor) -> tuple[Tensor, Tensor,
     (float64), truncated to the leading columns that Cholesky accepts."""
     k = A_k.shape[1]
     R11 = R_sk[:k, :k].to(A_k.dtype)
-    A_pre = torch.linalg.solve_triangular(R11, A_k, upper=True, left=False)
+    # The same substitution as solve_triangular(R11, A_k, left=False), posed on the transposes: A_kᵀ of a row-major
+    # A_k is already column-major, so LAPACK solves in place of a copy and A_pre comes back row-major (the
+    # right-sided form transposes A_k into a copy and returns a column-major A_pre, slowing the GEMMs after it).
+    A_pre = torch.linalg.solve_triangular(R11.mT, A_k.mT, upper=False).mT
     L, info = torch.linalg.cholesky_ex((A_pre.mT @ A_pre).double())
     failed = int(info)
     if failed > 0:  # the leading failed-1 columns are numerically independent; drop the rest
