@@ -192,3 +192,16 @@ def test_unpivoted_falls_back_to_pivoting_on_rank_deficiency():
     Q, R, piv = cqrrpt(A, generator=16, pivoting=False)
     assert not torch.equal(piv, torch.arange(N))  # the pivoted algorithm ran
     assert_factorization(A, Q, R, piv, rank=20)
+
+
+@pytest.mark.parametrize("pivoting", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_input_is_left_untouched(pivoting, layout):
+    """The preconditioning solve overwrites its buffer in place: it must be a copy, never A itself."""
+    A = with_cond(M, N, 1e3, F64, seed=17)
+    if layout == "transposed":
+        A = A.t().contiguous().t()
+    before = A.clone()
+    Q, R, piv = cqrrpt(A, generator=17, pivoting=pivoting)
+    assert torch.equal(A, before)
+    assert_factorization(A, Q, R, piv, rank=N)

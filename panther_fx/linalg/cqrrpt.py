@@ -122,7 +122,8 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
         R_sk = torch.linalg.qr(A_sk.double(), mode="r").R
         diag = R_sk.diagonal().abs()
         if bool((diag >= tau * diag.max()).all()):
-            L, A_pre, k = _preconditioned_cholesky(A, R_sk)  # no gather: the columns stay in order
+            # No gather (the columns stay in order); the copy is the buffer the preconditioning overwrites.
+            L, A_pre, k = _preconditioned_cholesky(A.clone(memory_format=torch.contiguous_format), R_sk)
             if k == n:
                 return _finish(A_pre, L, R_sk, torch.arange(n, device=A.device), refine)
     R_sk, piv = qrcp(A_sk, backend=qrcp_backend)
@@ -136,14 +137,15 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
 
 
 def _preconditioned_cholesky(A_k: Tensor, R_sk: Tensor) -> tuple[Tensor, Tensor, int]:
-    """A_pre = A_k R_sk[:k, :k]⁻¹ for the k selected columns A_k, and the Cholesky factor L of A_preᵀ A_pre
-    (float64), truncated to the leading columns that Cholesky accepts."""
+    """A_pre = A_k R_sk[:k, :k]⁻¹ for the k selected columns A_k (a row-major copy that is overwritten with
+    A_pre), and the Cholesky factor L of A_preᵀ A_pre (float64), truncated to the leading columns that
+    Cholesky accepts."""
     k = A_k.shape[1]
     R11 = R_sk[:k, :k].to(A_k.dtype)
-    # The same substitution as solve_triangular(R11, A_k, left=False), posed on the transposes: A_kᵀ of a row-major
-    # A_k is already column-major, so LAPACK solves in place of a copy and A_pre comes back row-major (the
-    # right-sided form transposes A_k into a copy and returns a column-major A_pre, slowing the GEMMs after it).
-    A_pre = torch.linalg.solve_triangular(R11.mT, A_k.mT, upper=False).mT
+    # The same substitution as solve_triangular(R11, A_k, left=False), posed on the transposes: A_kᵀ of a
+    # row-major A_k is column-major, as LAPACK's trsm wants, so it is solved in place (no copy of A_k, a
+    # row-major A_pre for the GEMMs after it; the right-sided form transposes A_k into a new buffer).
+    A_pre = torch.linalg.solve_triangular(R11.mT, A_k.mT, upper=False, out=A_k.mT).mT
     L, info = torch.linalg.cholesky_ex((A_pre.mT @ A_pre).double())
     failed = int(info)
     if failed > 0:  # the leading failed-1 columns are numerically independent; drop the rest
