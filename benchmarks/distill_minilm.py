@@ -42,7 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--loss", choices=("mse", "cosine"), default="mse")
+    p.add_argument("--loss", choices=("mse", "cosine", "similarity"), default="mse",
+                   help="similarity: cosine + in-batch similarity KL; each batch then holds batch-size/2 "
+                        "descriptions and their leads")
+    p.add_argument("--temperature", type=float, default=0.05, help="of the similarity loss")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     return p.parse_args()
@@ -77,9 +80,15 @@ def main() -> None:
     dense = evaluate("dense", teacher, task)
 
     # Leads (cut to seq_len) and their short descriptions: the two kinds of text the task embeds.
-    leads = distillation_batches(tokenizer, [lead for _, lead in train_pairs], args.seq_len, args.batch_size)
-    descriptions = distillation_batches(tokenizer, [d for d, _ in train_pairs], args.seq_len, args.batch_size)
-    batches = [b for pair in zip(leads, descriptions) for b in pair]
+    if args.loss == "similarity":  # descriptions next to their leads, so the in-batch similarities include them
+        half = args.batch_size // 2
+        texts = [t for i in range(0, len(train_pairs), half) for t in
+                 [d for d, _ in train_pairs[i:i + half]] + [lead for _, lead in train_pairs[i:i + half]]]
+        batches = distillation_batches(tokenizer, texts, args.seq_len, args.batch_size)
+    else:
+        leads = distillation_batches(tokenizer, [lead for _, lead in train_pairs], args.seq_len, args.batch_size)
+        descriptions = distillation_batches(tokenizer, [d for d, _ in train_pairs], args.seq_len, args.batch_size)
+        batches = [b for pair in zip(leads, descriptions) for b in pair]
 
     policy = {"defaults": {"method": args.method, "rank": args.rank}}
     grams = panther_fx.calibrate(teacher, batches, policy=policy) if args.method == "asvd" else None
@@ -90,7 +99,8 @@ def main() -> None:
 
     student.embeddings.requires_grad_(False)  # the embedding table is not compressed: keep it as is
     start = time.perf_counter()
-    history = panther_fx.distill(student, teacher, batches, epochs=args.epochs, lr=args.lr, loss=args.loss)
+    history = panther_fx.distill(student, teacher, batches, epochs=args.epochs, lr=args.lr, loss=args.loss,
+                                 temperature=args.temperature)
     train_s = time.perf_counter() - start
     print(f"distillation: {len(batches)} batches x {args.epochs} epochs in {train_s:.0f} s, loss per epoch {history}",
           flush=True)

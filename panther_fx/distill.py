@@ -40,24 +40,52 @@ def _mask(batch: Batch, h: Tensor) -> Tensor:
     return h.new_ones(*h.shape[:-1], 1)
 
 
-def _loss(kind: str, hs: Tensor, ht: Tensor, mask: Tensor) -> Tensor:
+def _pooled(h: Tensor, mask: Tensor) -> Tensor:
+    """(batch, d) L2-normalised mean over the real tokens: the sentence embedding."""
+    return F.normalize((h * mask).sum(-2) / mask.sum(-2).clamp_min(1), dim=-1)
+
+
+def _similarity_kl(es: Tensor, et: Tensor, temperature: float) -> Tensor:
+    """Mean over rows i of KL(p_t(i, .) || p_s(i, .)), p(i, j) = softmax_{j != i}(e_i . e_j / temperature).
+
+    The teacher's in-batch similarity distribution: which other texts of the batch each text is closest to,
+    the quantity a retrieval ranking depends on. The diagonal (always 1 for unit vectors) is left out.
+    """
+    n = es.shape[0]
+    if n < 3:
+        raise ValueError(f"distill: loss='similarity' needs at least 3 texts per batch, got {n}")
+    off = ~torch.eye(n, dtype=torch.bool, device=es.device)
+    logits_s = (es @ es.T / temperature)[off].view(n, n - 1)
+    logits_t = (et @ et.T / temperature)[off].view(n, n - 1)
+    return F.kl_div(F.log_softmax(logits_s, -1), F.log_softmax(logits_t, -1), log_target=True,
+                    reduction="batchmean")
+
+
+def _loss(kind: str, hs: Tensor, ht: Tensor, mask: Tensor, temperature: float) -> Tensor:
     if kind == "mse":  # mean squared error per feature over the real (unmasked) tokens
         return ((hs - ht) ** 2 * mask).sum() / (mask.sum() * hs.shape[-1]).clamp_min(1)
-    pooled_s = (hs * mask).sum(-2) / mask.sum(-2).clamp_min(1)
-    pooled_t = (ht * mask).sum(-2) / mask.sum(-2).clamp_min(1)
-    return (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+    if hs.dim() == 2:  # (batch, d): one embedding per example already, nothing to pool over
+        hs, ht, mask = hs.unsqueeze(-2), ht.unsqueeze(-2), mask.unsqueeze(-2)
+    es, et = _pooled(hs, mask), _pooled(ht, mask)
+    cosine = (1 - (es * et).sum(-1)).mean()
+    if kind == "cosine":
+        return cosine
+    return cosine + _similarity_kl(es, et, temperature)
 
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *, epochs: int = 1,
             lr: float = 1e-4, loss: str = "mse", optimizer: Callable[..., torch.optim.Optimizer] | None = None,
             features: Callable[[Any], Tensor] = hidden_states, max_grad_norm: float | None = 1.0,
-            dropout: bool = False, progress: bool = True) -> list[float]:
+            dropout: bool = False, temperature: float = 0.05, progress: bool = True) -> list[float]:
     """Train ``student`` to match ``teacher`` on ``batches``; return the mean loss of each epoch.
 
     - ``batches``: re-iterable (a list) of model inputs: dicts of keyword tensors (tokenizer outputs), tensors
       or tuples of positional tensors. A dict's ``attention_mask`` masks padding out of the loss.
-    - ``loss``: ``"mse"`` between the (batch, tokens, d) hidden states over real tokens, or ``"cosine"``:
-      1 − cos between mean-pooled sentence embeddings.
+    - ``loss``: ``"mse"`` between the (batch, tokens, d) hidden states over real tokens; ``"cosine"``:
+      1 − cos between the mean-pooled, normalised sentence embeddings e; ``"similarity"``: that cosine term plus
+      KL(teacher || student) of each text's in-batch similarity distribution softmax_j(e_i · e_j / temperature)
+      (j ≠ i), which keeps which texts are close to which: put texts that should be compared (e.g. queries and
+      their documents) in the same batch.
     - ``optimizer``: a factory ``(params, lr=lr) -> Optimizer`` over the student's trainable parameters
       (default ``torch.optim.AdamW``); ``max_grad_norm`` clips the gradient norm (None: no clipping).
     - ``dropout``: train with the student's dropout on (``student.train()``); off by default, since the target is
@@ -65,8 +93,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
     """
     from tqdm.auto import tqdm
 
-    if loss not in ("mse", "cosine"):
-        raise ValueError(f"distill: loss must be 'mse' or 'cosine', got {loss!r}")
+    if loss not in ("mse", "cosine", "similarity"):
+        raise ValueError(f"distill: loss must be 'mse', 'cosine' or 'similarity', got {loss!r}")
+    if not temperature > 0:
+        raise ValueError(f"distill: temperature must be > 0, got {temperature}")
     if epochs < 1:
         raise ValueError(f"distill: epochs must be >= 1, got {epochs}")
     params = [p for p in student.parameters() if p.requires_grad]
@@ -85,7 +115,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
                 with torch.no_grad():
                     target = features(call_model(teacher, batch))
                 hs = features(call_model(student, batch))
-                value = _loss(loss, hs, target.to(hs.dtype), _mask(batch, hs))
+                value = _loss(loss, hs, target.to(hs.dtype), _mask(batch, hs), temperature)
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 if max_grad_norm is not None:

@@ -254,6 +254,42 @@ def test_distill_reduces_the_gap_to_the_teacher():
         panther_fx.distill(student, teacher, batches, loss="l1")
 
 
+def test_similarity_loss_is_cosine_plus_in_batch_kl():
+    from panther_fx.distill import _loss
+
+    g = torch.Generator().manual_seed(0)
+    ht = torch.randn(6, 5, 8, generator=g, dtype=torch.float64)
+    hs = ht + 0.3 * torch.randn(6, 5, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(6, 5, 1, dtype=torch.float64)
+    mask[:3, 3:] = 0  # padding
+    pooled = [nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1) for h in (hs, ht)]
+    cosine = (1 - (pooled[0] * pooled[1]).sum(-1)).mean()
+    kl = 0.0
+    for i in range(6):  # explicit float64 formula, row by row, the diagonal left out
+        others = [j for j in range(6) if j != i]
+        p_s = torch.softmax(pooled[0][i] @ pooled[0][others].T / 0.1, -1)
+        p_t = torch.softmax(pooled[1][i] @ pooled[1][others].T / 0.1, -1)
+        kl += (p_t * (p_t / p_s).log()).sum() / 6
+    torch.testing.assert_close(_loss("similarity", hs, ht, mask, 0.1), cosine + kl)
+    torch.testing.assert_close(_loss("cosine", hs, ht, mask, 0.1), cosine)
+    assert _loss("similarity", ht, ht, mask, 0.1).abs().item() < 1e-12
+
+
+def test_distill_with_similarity_loss():
+    teacher = make_net()
+    student, _ = panther_fx.convert(teacher, {"defaults": {"method": "svd", "rank": 4, "min_features": 16}},
+                                    inplace=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 32, generator=g) for _ in range(8)]
+    history = panther_fx.distill(student, teacher, batches, epochs=8, lr=1e-2, loss="similarity",
+                                 temperature=0.1, progress=False)
+    assert history[-1] < history[0] / 2
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        panther_fx.distill(student, teacher, batches, loss="similarity", temperature=0)
+    with pytest.raises(ValueError, match="at least 3 texts"):
+        panther_fx.distill(student, teacher, [torch.randn(2, 32)], loss="similarity")
+
+
 def _bert():
     from transformers import BertConfig, BertModel
 
