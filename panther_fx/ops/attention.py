@@ -21,8 +21,12 @@ Causal mode processes chunks of ``CAUSAL_CHUNK`` tokens: inside a chunk a masked
 across chunks an exclusive prefix sum of the per-chunk states φ(K)ᵀ[V, 1] (m, dv+1). Memory is linear in L
 (L/C states of m·(dv+1) floats, plus the C×C blocks) and there is no per-token Python loop.
 
-The backward pass is explicit (no recomputation through autograd) and uses the same chunked products, so it
-is linear in L too; the features are recomputed from the saved inputs rather than stored.
+The backward pass is the op ``panther::performer_attention_backward`` (so that native kernels can be registered
+for it too): explicit (no recomputation through autograd), with the same chunked products, so it is linear in L
+as well; the features are recomputed from the saved inputs rather than stored.
+
+``panther_fx._C`` registers fused CPU kernels for both ops (csrc/cpu/attention_cpu.cpp); the Python bodies here
+are their reference and the fallback elsewhere.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["performer_attention", "performer_attention_op", "performer_attention_reference",
+__all__ = ["performer_attention", "performer_attention_op", "performer_attention_backward",
+           "performer_attention_reference",
            "performer_multi_head_attention", "causal_product", "anticausal_product", "CAUSAL_CHUNK", "EPS", "KERNELS"]
 
 KERNELS = ("softmax", "relu")
@@ -249,13 +254,25 @@ def _setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(q, k, v, features, key_padding_mask)
 
 
-def _backward(ctx, g_out):
-    q, k, v, features, key_padding_mask = ctx.saved_tensors
-    # Trailing arguments left at their defaults are not counted in needs_input_grad.
-    need_q, need_k, need_v, need_W, need_mask = (tuple(ctx.needs_input_grad) + (False,) * 5)[:5]
-    kernel, causal = ctx.kernel, ctx.causal
+@torch.library.custom_op("panther::performer_attention_backward", mutates_args=(),
+                         schema="(Tensor g_out, Tensor q, Tensor k, Tensor v, Tensor features, "
+                                "Tensor? key_padding_mask, str kernel_fn, bool causal, float? scale, bool[5] needs) "
+                                "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)")
+def performer_attention_backward(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
+    """Gradients of :func:`performer_attention` w.r.t. (q, k, v, features, key_padding_mask) given
+    g_out = ∂loss/∂out (B, H, Lq, dv); entry i is None unless ``needs[i]`` (the mask's only if it is float).
+
+    With numden = φ(Q)(φ(K)ᵀ[V, 1]) = [num, den] and out = num / den_c (den_c = max(den, EPS)):
+    g_num = g_out / den_c, g_den = −(g_out · out) / den_c (0 where the clamp is active), and, non-causal,
+    ∂φ(Q) = [g_num, g_den] (φ(K)ᵀ[V, 1])ᵀ, G = φ(Q)ᵀ[g_num, g_den], ∂φ(K) = [V, 1] Gᵀ, ∂V = φ(K) G[:, :dv];
+    causal: the same sums over s ≤ t (queries) and t ≥ s (keys). The feature maps' own backward follows
+    (:func:`_feature_map_backward`). Features are recomputed from the inputs, not stored.
+    """
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    need_q, need_k, need_v, need_W, need_mask = needs
+    need_mask = need_mask and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point
     (out, den, den_c, phi_q, q_work, phi_k, k_work, v1, W, root_scale,
-     bias) = _forward_parts(q, k, v, features, key_padding_mask, kernel, causal, ctx.scale)
+     bias) = _forward_parts(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     g = g_out.to(out.dtype)
     g_num = g / den_c
     # d(num/den)/d den = −out/den, zero where the clamp is active.
@@ -271,15 +288,30 @@ def _backward(ctx, g_out):
         g_kv = phi_q.transpose(-2, -1) @ g_numden
         g_phi_k = v1 @ g_kv.transpose(-2, -1)
         g_v1 = phi_k @ g_kv if need_v else None
-    gq, gWq, _ = _feature_map_backward(g_phi_q, phi_q, q_work, W, kernel, root_scale, None, need_q, need_W)
-    gk, gWk, g_bias = _feature_map_backward(g_phi_k, phi_k, k_work, W, kernel, root_scale, bias, need_k, need_W)
+    gq, gWq, _ = _feature_map_backward(g_phi_q, phi_q, q_work, W, kernel_fn, root_scale, None, need_q, need_W)
+    gk, gWk, g_bias = _feature_map_backward(g_phi_k, phi_k, k_work, W, kernel_fn, root_scale, bias, need_k, need_W)
     gv = g_v1[..., :-1].to(v.dtype) if need_v else None
     gW = (gWq + gWk).to(features.dtype) if need_W else None
-    g_mask = None
-    if need_mask and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point:
-        g_mask = g_bias.sum(1).to(key_padding_mask.dtype)  # b is shared by all heads
-    grads = (gq.to(q.dtype) if need_q else None, gk.to(k.dtype) if need_k else None, gv, gW, g_mask)
-    return grads[:len(ctx.needs_input_grad)]
+    g_mask = g_bias.sum(1).to(key_padding_mask.dtype) if need_mask else None  # b is shared by all heads
+    return gq.to(q.dtype) if need_q else None, gk.to(k.dtype) if need_k else None, gv, gW, g_mask
+
+
+@performer_attention_backward.register_fake
+def _(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    needs = list(needs)
+    needs[4] = needs[4] and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point
+    like = (q, k, v, features, key_padding_mask)
+    return tuple(t.new_empty(t.shape) if need else None for need, t in zip(needs, like))
+
+
+def _backward(ctx, g_out):
+    q, k, v, features, key_padding_mask = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)  # trailing arguments left at their defaults are not counted
+    needs = [*ctx.needs_input_grad, False, False, False, False, False][:5]
+    grads = torch.ops.panther.performer_attention_backward(g_out, q, k, v, features, key_padding_mask, ctx.kernel,
+                                                           ctx.causal, ctx.scale, needs)
+    return grads[:n_inputs]
 
 
 performer_attention_op.register_autograd(_backward, setup_context=_setup)
