@@ -35,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-eval", type=int, default=1000, help="evaluation pairs (default 1000)")
     p.add_argument("--rank", type=int, default=127, help="SVD rank of every Linear (127: >= 50%% fewer Linear parameters)")
+    p.add_argument("--policy", default=None,
+                   help="a policy file (e.g. per-layer ranks from benchmarks/allocate_minilm.py) instead of the "
+                        "uniform --method/--rank; asvd rules are calibrated on the distillation texts")
     p.add_argument("--method", choices=("svd", "asvd"), default="svd",
                    help="asvd is calibrated on the distillation texts (disjoint from the evaluation pairs)")
     p.add_argument("--train-texts", type=int, default=1024, help="article leads used for distillation")
@@ -90,8 +93,9 @@ def main() -> None:
         descriptions = distillation_batches(tokenizer, [d for d, _ in train_pairs], args.seq_len, args.batch_size)
         batches = [b for pair in zip(leads, descriptions) for b in pair]
 
-    policy = {"defaults": {"method": args.method, "rank": args.rank}}
-    grams = panther_fx.calibrate(teacher, batches, policy=policy) if args.method == "asvd" else None
+    policy = panther_fx.policy.load_policy(args.policy or {"defaults": {"method": args.method, "rank": args.rank}})
+    uses_asvd = any(r.settings.get("method") == "asvd" for r in policy.rules) or policy.defaults.get("method") == "asvd"
+    grams = panther_fx.calibrate(teacher, batches, policy=policy) if uses_asvd else None
     student, report = panther_fx.convert(teacher, policy, calibration=grams, inplace=False)
     before, after = report.params()
     print(report.table(), flush=True)
@@ -106,12 +110,13 @@ def main() -> None:
           flush=True)
     distilled = evaluate("compressed+distilled", student, task, reference=dense.embeddings)
 
+    compression = args.policy or f"{args.method} rank {args.rank}"
     rows = [(name, f"{r.recall_at_1:.4f}", f"{r.mrr:.4f}", "" if r.mean_cosine is None else f"{r.mean_cosine:.4f}",
              f"{r.recall_at_1 - dense.recall_at_1:+.4f}")
-            for name, r in (("dense", dense), (f"compressed ({args.method})", compressed),
+            for name, r in (("dense", dense), (f"compressed ({compression})", compressed),
                             ("compressed + distilled", distilled))]
     print(f"\nall-MiniLM-L6-v2, {args.n_eval} Wikipedia description -> article pairs; Linear weights "
-          f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer), {args.method} rank {args.rank}")
+          f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer), {compression}")
     print(tabulate(rows, headers=("model", "Recall@1", "MRR", "cos to dense", "ΔRecall@1"), tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
