@@ -89,10 +89,19 @@ def test_native_matches_reference_float32(kernel, causal, mask, layout):
             assert_rel(a, b, 1e-5)
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_autograd_dispatches_native_backward(causal):
-    """Through autograd: the native backward runs and its gradients equal the reference's; g_out arrives as a
-    stride-0 expanded tensor from ``sum().backward()``."""
+def test_autograd_dispatches_native_backward(causal, two_threads):
+    """Through autograd: the native forward and backward run and the gradients equal the reference's; g_out
+    arrives as a stride-0 expanded tensor from ``sum().backward()``. Two threads, so that (batch, head) pairs
+    run on worker threads, which do not inherit the caller's below-autograd dispatch state."""
     q, k, v, W, pad = inputs("heads", "float", L=130)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, W, pad)]
     before = native_calls("performer_attention_backward.cpu")

@@ -2,11 +2,12 @@
 // registered over the Python reference bodies in panther_fx/ops/attention.py, whose math and numerics
 // (stabilisers, float32 accumulation, EPS clamp, key bias) they reproduce; see that module's docstring.
 //
-// One (batch, head) pair per task of at::parallel_for. Inside a pair, keys and queries are processed in
-// blocks of rows: the feature map of a block (one GEMM against the feature matrix, then the stabilised exp or
-// the relu in one pass over the block while it is in cache) feeds the block's GEMMs at once, so no (L, m)
-// feature tensor is ever materialised. Scratch memory per thread is O(block·(m + block) + m·dv), plus, in the
-// causal backward, the L·(dv+1) output-side gradients of the pair being processed: linear in L.
+// (batch, head) pairs are split among the threads of one OpenMP team (for_each_pair). Inside a pair, keys
+// and queries are processed in blocks of rows: the feature map of a block (one GEMM against the feature
+// matrix, then the stabilised exp or the relu in one pass over the block while it is in cache) feeds the
+// block's GEMMs at once, so no (L, m) feature tensor is ever materialised. Scratch memory per thread is
+// O(block·(m + block) + m·dv), plus, in the causal backward, the L·(dv+1) output-side gradients of the pair
+// being processed: linear in L.
 //
 // The softmax key stabiliser is the max over all keys and features, as in the reference: the non-causal
 // kernels track a running max and rescale their key state when it grows, the causal ones, which need it
@@ -15,11 +16,15 @@
 // count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <string>
@@ -609,9 +614,11 @@ at::ScalarType work_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// t in the work dtype with unit stride along the last dimension (what the row kernels and GEMMs index).
+// t detached, in the work dtype, with unit stride along the last dimension (what the row kernels and GEMMs
+// index). Detached because the ATen calls of at::parallel_for's worker threads do not inherit the caller's
+// below-autograd dispatch state: on inputs that require grad, their out= GEMMs would refuse to run.
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType dtype) {
-  at::Tensor w = t.to(dtype);
+  at::Tensor w = t.detach().to(dtype);
   return w.size(-1) <= 1 || w.stride(-1) == 1 ? w : w.contiguous();
 }
 
@@ -622,7 +629,7 @@ at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype) {
     return at::zeros(mask->sizes(), mask->options().dtype(dtype))
         .masked_fill_(*mask, -std::numeric_limits<double>::infinity());
   }
-  return mask->to(dtype).contiguous();
+  return unit_rows(*mask, dtype).contiguous();
 }
 
 template <typename T>
@@ -635,6 +642,36 @@ Attention<T> make_attention(const at::Tensor& features, c10::string_view kernel_
   a.rs = a.relu ? T(1) : T(std::sqrt(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d))));
   a.Ws = a.relu ? features.contiguous() : (features * a.rs).contiguous();
   return a;
+}
+
+// f(begin, end, slot) over the (batch, head) pairs [0, pairs), split into contiguous ranges among one OpenMP
+// team; slot < at::get_num_threads() is the calling thread's index in the team. The team has every allowed
+// thread even when there are fewer pairs (the extra ones idle): inside an active parallel region BLAS runs
+// the kernels' many small GEMMs on the calling thread, while outside one (at::parallel_for opens no region
+// for a single pair) MKL forks and joins its own threads for each of them, measured at ~16 ms a GEMM on this
+// loaded 2-core machine.
+template <typename F>
+void for_each_pair(int64_t pairs, const F& f) {
+#ifdef _OPENMP
+  const int threads = at::get_num_threads();
+  if (pairs > 0 && threads > 1 && !at::in_parallel_region()) {
+    std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t slot = omp_get_thread_num(), team = omp_get_num_threads();
+      const int64_t chunk = (pairs + team - 1) / team, begin = slot * chunk, end = std::min(pairs, begin + chunk);
+      try {
+        if (begin < end) f(begin, end, slot);
+      } catch (...) {
+#pragma omp critical
+        error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  f(0, pairs, 0);
 }
 
 template <typename T>
@@ -654,8 +691,8 @@ at::Tensor performer_attention_cpu(const at::Tensor& q, const at::Tensor& k, con
   const int64_t B = q.size(0), H = q.size(1);
   at::Tensor out = at::empty({B, H, q.size(2), v.size(3)}, qw.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "performer_attention_cpu", [&] {
-    const auto a = make_attention<scalar_t>(features.to(dtype), kernel_fn, q.size(3), scale);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const auto a = make_attention<scalar_t>(unit_rows(features, dtype), kernel_fn, q.size(3), scale);
+    for_each_pair(B * H, [&](int64_t begin, int64_t end, int64_t /*slot*/) {
       for (int64_t i = begin; i < end; ++i) {
         const auto head = head_of<scalar_t>(qw, kw, vw, bias, i / H, i % H);
         const at::Tensor o = out[i / H][i % H];
@@ -685,11 +722,11 @@ AttentionGrads performer_attention_backward_cpu(const at::Tensor& g_out, const a
   const at::Tensor gbias = need_mask ? at::empty({B, H, Lk}, options) : at::Tensor();
   std::vector<at::Tensor> gW_parts(at::get_num_threads());  // one accumulator per thread, summed in order
   AT_DISPATCH_FLOATING_TYPES(dtype, "performer_attention_backward_cpu", [&] {
-    const auto a = make_attention<scalar_t>(features.to(dtype), kernel_fn, d, scale);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const auto a = make_attention<scalar_t>(unit_rows(features, dtype), kernel_fn, d, scale);
+    for_each_pair(B * H, [&](int64_t begin, int64_t end, int64_t slot) {
       at::Tensor gW;
       if (need_W) {
-        at::Tensor& part = gW_parts[at::get_thread_num()];
+        at::Tensor& part = gW_parts[slot];
         if (!part.defined()) part = at::zeros({m, d}, options);
         gW = part;
       }
