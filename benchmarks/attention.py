@@ -1,21 +1,28 @@
-"""Performer attention (``torch.ops.panther.performer_attention``) vs exact SDPA vs a plain PyTorch Performer.
+"""Performer attention (``torch.ops.panther.performer_attention``) vs exact SDPA vs a plain PyTorch Performer,
+and native kernels vs the op's pure-PyTorch reference.
 
     python benchmarks/attention.py --device cuda --dtype bfloat16
     python benchmarks/attention.py --device cpu --dtype float32 --lengths 512,1024,2048,4096 --dims 64 --features 64,256
+    python benchmarks/attention.py --device cpu --methods panther,reference --lengths 512,2048,8192 --dims 64 \
+        --features 256
 
 For every (L, d, m, kernel, causal, pass) the table gives milliseconds and, on CUDA, peak memory above the
-inputs (MiB) of
+inputs (MiB) of the chosen ``--methods`` (default: all four):
 
 - ``sdpa``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA: the honest baseline;
   exact attention, so it has no kernel or feature count of its own and is repeated across those rows);
-- ``panther``: the op through autograd (its pure-PyTorch body until native kernels are registered);
+- ``panther``: the op through autograd (its native kernels where ``panther_fx._C`` registers them for the
+  device, else its pure-PyTorch body);
+- ``reference``: the op's pure-PyTorch forward and backward bodies called directly (what ``panther`` runs
+  under ``PANTHER_NO_EXT=1``): the baseline a native kernel has to beat;
 - ``plain``: a textbook PyTorch Performer: the same feature maps, non-causal as two matmuls, causal as the
   prefix sum of the (L, m, dv) outer products ``cumsum(φ(K)ᵢ ⊗ Vᵢ)`` (what performer_pytorch falls back to).
 
-``x_sdpa`` = sdpa / panther and ``x_plain`` = plain / panther (> 1: panther is faster). Configurations whose
-estimated working set exceeds ``--max-gib`` are skipped for that method ("-"). Timing: CUDA events after
-warm-up on GPU, perf_counter medians on CPU. Inputs: q, k, v ~ N(0, 1) of shape (batch, heads, L, d) in
-``--dtype``; the op accumulates in float32, SDPA in its kernels' precision.
+``x_<method>`` = method / panther (> 1: panther is faster). Configurations whose estimated working set exceeds
+``--max-gib`` are skipped for that method ("-"). Timing: the methods run interleaved (one call of each per
+repeat, so load changes hit them alike) and the median of ``--reps`` is reported; CUDA events after warm-up on
+GPU, perf_counter on CPU. Inputs: q, k, v ~ N(0, 1) of shape (batch, heads, L, d) in ``--dtype``; the op
+accumulates in float32, SDPA in its kernels' precision.
 """
 
 from __future__ import annotations
@@ -34,10 +41,16 @@ from tabulate import tabulate
 
 import panther_fx  # noqa: F401  (registers torch.ops.panther.*)
 from panther_fx.linalg.features import orthogonal_features
+from panther_fx.ops import attention as attention_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEADERS = ("L", "d", "m", "kernel", "causal", "pass", "sdpa_ms", "panther_ms", "plain_ms", "x_sdpa", "x_plain",
-           "sdpa_MiB", "panther_MiB", "plain_MiB")
+METHODS = ("sdpa", "panther", "reference", "plain")
+
+
+def headers(methods: list[str]) -> tuple[str, ...]:
+    others = [name for name in methods if name != "panther"]
+    return (("L", "d", "m", "kernel", "causal", "pass") + tuple(f"{name}_ms" for name in methods)
+            + tuple(f"x_{name}" for name in others) + tuple(f"{name}_MiB" for name in methods))
 
 
 def plain_performer(q, k, v, W, kernel: str, causal: bool):
@@ -62,23 +75,49 @@ def plain_performer(q, k, v, W, kernel: str, causal: bool):
     return num / den
 
 
-def _time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
+class ReferencePerformer(torch.autograd.Function):
+    """The op's pure-PyTorch forward and backward bodies, bypassing any native kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, W, kernel: str, causal: bool):
+        ctx.save_for_backward(q, k, v, W)
+        ctx.kernel, ctx.causal = kernel, causal
+        return attention_ops.performer_attention_op._init_fn(q, k, v, W, None, kernel_fn=kernel, causal=causal)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, W = ctx.saved_tensors
+        needs = [*ctx.needs_input_grad[:4], False]
+        grads = attention_ops.performer_attention_backward._init_fn(g, q, k, v, W, None, ctx.kernel, ctx.causal,
+                                                                    None, needs)
+        return (*grads[:4], None, None)
+
+
+def _sample(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of fn."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    samples = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                      warmup: int) -> dict[str, float]:
+    """Median milliseconds of each fn, calling them in turn (one call of each per repeat)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            samples[name].append(_sample(fn, device))
+    return {name: statistics.median(x) for name, x in samples.items()}
 
 
 def _peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -125,7 +164,7 @@ def bench(args) -> list[tuple]:
                     for causal in args.causal:
                         for mode in args.modes:
                             rows.append(_one(args, device, q, k, v, W, L, d, m, kernel, causal, mode))
-                            print(tabulate([rows[-1]], headers=HEADERS, tablefmt="plain"), flush=True)
+                            print(tabulate([rows[-1]], headers=headers(args.methods), tablefmt="plain"), flush=True)
     return rows
 
 
@@ -134,26 +173,27 @@ def _one(args, device, q, k, v, W, L, d, m, kernel, causal, mode) -> tuple:
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
         "panther": lambda q, k, v: torch.ops.panther.performer_attention(q, k, v, W, kernel_fn=kernel, causal=causal),
+        "reference": lambda q, k, v: ReferencePerformer.apply(q, k, v, W, kernel, causal),
         "plain": lambda q, k, v: plain_performer(q, k, v, W, kernel, causal),
     }
-    times, mems = {}, {}
-    for name, fn in methods.items():
+    steps, mems = {}, {}
+    for name in args.methods:
         gib = _working_set_gib(name, args.batch, args.heads, L, d, m, causal, q.element_size())
         if gib * (3 if backward else 1) > args.max_gib or (name == "sdpa" and L > args.max_sdpa_len):
-            times[name] = mems[name] = None
             continue
-        ctx = torch.enable_grad() if backward else torch.no_grad()
-        with ctx:
-            step = _step(fn, q, k, v, backward)
-            times[name] = _time(step, device, args.reps, args.warmup)
+        steps[name] = _step(methods[name], q, k, v, backward)
+    with torch.enable_grad() if backward else torch.no_grad():
+        times = _time_interleaved(steps, device, args.reps, args.warmup)
+        for name, step in steps.items():
             mems[name] = _peak_mib(step, device)
-        q.grad = k.grad = v.grad = None
+    q.grad = k.grad = v.grad = None
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
     mib = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-    return (L, d, m, kernel, causal, mode, fmt(times["sdpa"]), fmt(times["panther"]), fmt(times["plain"]),
-            ratio(times["sdpa"], times["panther"]), ratio(times["plain"], times["panther"]),
-            mib(mems["sdpa"]), mib(mems["panther"]), mib(mems["plain"]))
+    base = times.get("panther")
+    return ((L, d, m, kernel, causal, mode) + tuple(fmt(times.get(name)) for name in args.methods)
+            + tuple(ratio(times.get(name), base) for name in args.methods if name != "panther")
+            + tuple(mib(mems.get(name)) for name in args.methods))
 
 
 def _ints(text: str) -> list[int]:
@@ -173,6 +213,8 @@ def main(argv=None) -> None:
     parser.add_argument("--causal", type=lambda s: [x == "1" or x.lower() == "true" for x in s.split(",")],
                         default=[False, True], help="comma list of 0/1")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
+                        help=f"comma list of {', '.join(METHODS)}; ratios are taken against panther")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--reps", type=int, default=10)
@@ -180,6 +222,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-gib", type=float, default=None, help="skip a method above this working set")
     parser.add_argument("--max-sdpa-len", type=int, default=None, help="skip exact SDPA above this length")
     args = parser.parse_args(argv)
+    unknown = set(args.methods) - set(METHODS)
+    if unknown or "panther" not in args.methods:
+        parser.error(f"--methods must include panther and may only name {METHODS}, got {args.methods}")
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.lengths = args.lengths or ([512 * 2**i for i in range(9)] if cuda else [512, 1024, 2048, 4096])
@@ -192,7 +237,7 @@ def main(argv=None) -> None:
           f"kernels: {panther_fx.kernel_info()}")
     rows = bench(args)
     print()
-    print(tabulate(rows, headers=HEADERS, tablefmt="github"))
+    print(tabulate(rows, headers=headers(args.methods), tablefmt="github"))
 
 
 if __name__ == "__main__":
