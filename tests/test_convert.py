@@ -239,12 +239,18 @@ def test_converted_model_trains():
     assert losses[-1] < losses[0] / 4
 
 
-def test_distill_reduces_the_gap_to_the_teacher():
+def _distill_setup():
+    """A teacher, its rank-4 svd student and 8 batches of inputs."""
     teacher = make_net()
     student, _ = panther_fx.convert(teacher, {"defaults": {"method": "svd", "rank": 4, "min_features": 16}},
                                     inplace=False)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(32, 32, generator=g) for _ in range(8)]
+    return teacher, student, batches
+
+
+def test_distill_reduces_the_gap_to_the_teacher():
+    teacher, student, batches = _distill_setup()
     history = panther_fx.distill(student, teacher, batches, epochs=4, lr=1e-2, progress=False)
     assert len(history) == 4 and history[-1] < history[0] / 2
     assert student.training and teacher.training  # modes restored (distill trains with dropout off)
@@ -276,11 +282,7 @@ def test_similarity_loss_is_cosine_plus_in_batch_kl():
 
 
 def test_distill_with_similarity_loss():
-    teacher = make_net()
-    student, _ = panther_fx.convert(teacher, {"defaults": {"method": "svd", "rank": 4, "min_features": 16}},
-                                    inplace=False)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(32, 32, generator=g) for _ in range(8)]
+    teacher, student, batches = _distill_setup()
     history = panther_fx.distill(student, teacher, batches, epochs=8, lr=1e-2, loss="similarity",
                                  temperature=0.1, progress=False)
     assert history[-1] < history[0] / 2
