@@ -144,3 +144,23 @@ def test_asvd_without_calibration_stays_dense_with_reason():
     assert plan.factors is None and "no Gram matrix" in plan.decision.reason
     with pytest.raises(TypeError, match="calibrate"):
         plan_linear("fc1", model.fc1.weight, policy, FactorCache(), calibration=[torch.randn(4, 64)])
+
+
+def test_policy_damping_reaches_asvd_and_the_reported_error():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 32, dtype=torch.float64, generator=g)
+    X = correlated_inputs(200, 32, g)
+    gram = X.T @ X
+    calibration = {"fc": gram}
+    default = plan_linear("fc", W, Policy.from_dict({"defaults": {"method": "asvd", "rank": 6}}), FactorCache(),
+                          calibration=calibration)
+    damped = plan_linear("fc", W, Policy.from_dict({"defaults": {"method": "asvd", "rank": 6, "damping": 0.5}}),
+                         FactorCache(), calibration=calibration)
+    A, B = asvd_factors(W, gram, 6, damping=0.5)
+    torch.testing.assert_close(damped.factors["A"] @ damped.factors["B"], A @ B)
+    # A heavy damping weights all input directions alike: a different (worse on X) factorization.
+    assert (damped.factors["A"] @ damped.factors["B"] - default.factors["A"] @ default.factors["B"]).norm() > 1e-3
+    S = whitening(gram, damping=0.5)
+    expected = ((W - A @ B) @ S).norm() / (W @ S).norm()
+    assert abs(damped.report.rel_error - expected.item()) < 1e-9
+

@@ -98,6 +98,8 @@ def test_sketch_break_even_counts_both_terms():
     ('[[rule]]\nmatch = "a"\nop = "conv3d"\n', ["rule 1", "op = 'conv3d'"]),
     ('[[rule]]\nmatch = "a"\nop = "attention"\nmethod = "svd"\n', ["rule 1", "does not apply to op = 'attention'"]),
     ('[[rule]]\nmatch = "a"\nforce = 1\n', ["rule 1", "force = 1", "a boolean"]),
+    ('[[rule]]\nmatch = "a"\ndamping = -0.1\n', ["rule 1", "damping = -0.1", ">= 0"]),
+    ('[defaults]\ndamping = "high"\n', ["[defaults]", "damping = 'high'"]),
     ('[[rule]]\nrank = 4\n', ["rule 1", "missing required key 'match'"]),
     ('[[rule]]\nmatch = "a"\nmethod = "sketch"\n', ["rule 1", "needs low_rank"]),
     ('[rules]\nmatch = "a"\n', ["unknown top-level key 'rules'", "did you mean 'rule'"]),

@@ -27,7 +27,7 @@ def factorize_linear(weight: torch.Tensor, decision: Decision, gram: torch.Tenso
     if decision.method == "asvd":
         if gram is None:
             raise ValueError(f"factorize_linear: method 'asvd' for {decision.path!r} needs its input Gram matrix")
-        A, B = asvd_factors(weight, gram, decision.rank)
+        A, B = asvd_factors(weight, gram, decision.rank, damping=decision.damping)
         return {"A": A, "B": B}
     generator = layer_generator(decision.seed, decision.path)
     if decision.method == "svd":
@@ -47,14 +47,16 @@ def dense_from_factors(factors: dict[str, torch.Tensor]) -> torch.Tensor:
     return sketch_weight(*(factors[k].float() for k in ("S1", "S2", "U1", "U2")))
 
 
-def relative_error(weight: torch.Tensor, factors: dict[str, torch.Tensor], gram: torch.Tensor | None = None) -> float:
+def relative_error(weight: torch.Tensor, factors: dict[str, torch.Tensor], gram: torch.Tensor | None = None,
+                   damping: float | None = None) -> float:
     """‖W - Ŵ‖_F / ‖W‖_F; with ``gram`` = XᵀX the activation-weighted ‖(W - Ŵ) S‖_F / ‖W S‖_F, S Sᵀ = XᵀX + λI
-    (the error on the calibration inputs, which is what asvd minimizes)."""
+    (the error on the calibration inputs, which is what asvd minimizes; ``damping`` sets λ as in
+    :func:`~panther_fx.linalg.whitening`)."""
     if gram is None:
         W = weight.detach().float()
         return (torch.linalg.matrix_norm(W - dense_from_factors(factors)) / torch.linalg.matrix_norm(W)).item()
     W = weight.detach().double()
-    S = whitening(gram.to(W.device))
+    S = whitening(gram.to(W.device), damping=damping)
     diff = (W - dense_from_factors(factors).double()) @ S
     return (torch.linalg.matrix_norm(diff) / torch.linalg.matrix_norm(W @ S)).item()
 
@@ -110,14 +112,14 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
                                                       reason=decision.reason, params_before=O * I,
                                                       params_after=O * I))
     key = (decision.method, decision.rank, decision.num_terms, decision.low_rank, decision.oversample,
-           decision.n_iter, decision.seed, path, *_gram_key(gram))
+           decision.n_iter, decision.seed, decision.damping, path, *_gram_key(gram))
     compute = partial(factorize_linear, decision=decision, gram=gram)
     factors = cache.get(weight, key, compute)
     after = factored_params(decision.method, I, O, rank=decision.rank, num_terms=decision.num_terms,
                             low_rank=decision.low_rank)
     rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
     row = LayerReport(path, "linear", decision.method, (O, I), "rewritten", rank=rank, params_before=O * I,
-                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors, gram))
+                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors, gram, decision.damping))
     return LinearPlan(decision, factors, row, compute)
 
 

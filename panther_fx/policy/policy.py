@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..linalg.lowrank import ASVD_DAMPING
 from .pattern import PatternError, compile_pattern
 
 __all__ = ["Policy", "Rule", "Decision", "PolicyError", "OPS", "METHODS_BY_OP", "load_policy"]
@@ -49,6 +50,7 @@ _SETTINGS: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None]]] = {
     "oversample": ((int,), lambda v: None if v >= 0 else "must be >= 0"),
     "n_iter": ((int,), lambda v: None if v >= 0 else "must be >= 0"),
     "seed": ((int,), lambda v: None),
+    "damping": ((float, int), lambda v: None if v >= 0 else "must be >= 0"),
     "force": ((bool,), lambda v: None),
     "features": ((int,), lambda v: None if v >= 1 else "must be >= 1"),
     "kernel": ((str,), lambda v: None if v in KERNELS else f"must be one of {', '.join(KERNELS)}"),
@@ -58,7 +60,7 @@ _RULE_ONLY: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None]]] = {
     "op": ((str,), lambda v: None if v in OPS else f"must be one of {', '.join(OPS)}"),
 }
 _FALLBACKS = {"min_features": 0, "num_terms": 1, "oversample": 10, "n_iter": 2, "seed": 0,
-              "force": False, "features": 256, "kernel": "softmax"}
+              "damping": ASVD_DAMPING, "force": False, "features": 256, "kernel": "softmax"}
 
 
 def _check_rank(v: int | float) -> str | None:
@@ -129,6 +131,7 @@ class Decision:
     oversample: int = 10
     n_iter: int = 2
     seed: int = 0
+    damping: float = ASVD_DAMPING  # asvd: λ / mean(diag(XᵀX)) added to the Gram matrix
     features: int = 256
     kernel: str = "softmax"
 
