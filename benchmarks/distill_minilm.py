@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-eval", type=int, default=1000, help="evaluation pairs (default 1000)")
     p.add_argument("--rank", type=int, default=127, help="SVD rank of every Linear (127: >= 50%% fewer Linear parameters)")
     p.add_argument("--policy", default=None,
-                   help="a policy file (e.g. per-layer ranks from benchmarks/allocate_minilm.py) instead of the "
+                   help="a policy file (e.g. per-layer ranks written by `panther-fx tune`) instead of the "
                         "uniform --method/--rank; asvd rules are calibrated on the distillation texts")
     p.add_argument("--method", choices=("svd", "asvd"), default="svd",
                    help="asvd is calibrated on the distillation texts (disjoint from the evaluation pairs)")

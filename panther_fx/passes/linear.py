@@ -119,7 +119,8 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
                             low_rank=decision.low_rank)
     rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
     row = LayerReport(path, "linear", decision.method, (O, I), "rewritten", rank=rank, params_before=O * I,
-                      params_after=after, flop_ratio=after / (O * I), rel_error=relative_error(weight, factors, gram, decision.damping))
+                      params_after=after, flop_ratio=after / (O * I),
+                      rel_error=relative_error(weight, factors, gram, decision.damping))
     return LinearPlan(decision, factors, row, compute)
 
 
