@@ -203,3 +203,74 @@ def test_sparse_sketch_opcheck_and_backward_dispatch_native():
     torch.testing.assert_close(A.grad, S.t() @ (2 * S @ A.detach()), **TOL[F64])
     assert torch.autograd.gradcheck(lambda a, v: ops.sparse_sketch(a, rows, v, 8), (A, vals))
     assert torch.autograd.gradcheck(lambda g, v: ops.sparse_sketch_t(g, rows, v), (G, vals))
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+needs_cuda_kernels = pytest.mark.skipif(not panther_fx.kernel_info()["ops"]["fwht"]["cuda"],
+                                        reason="CUDA kernels not built (build with PANTHER_CUDA=1)")
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5, 7, 10, 12, 13, 14, 16, 18, 21, 22])
+def test_fwht_cuda_matches_reference(p, dtype):
+    """Up to the 32 KiB tile (2^13 floats, 2^12 doubles) one pass; beyond it one strided pass per factor of
+    256 (128 for doubles): 2^22 takes three passes. Small n packs several rows per block."""
+    n = 1 << p
+    rows = max(1, min(37, (1 << 23) // n))
+    x64 = torch.randn(rows, n, dtype=F64, generator=torch.Generator().manual_seed(p))
+    expected = x64 @ hadamard(n) / math.sqrt(n) if p <= 12 else ops.fwht._init_fn(x64)
+    before = calls("fwht.cuda")
+    y = panther.fwht(x64.to(dtype).cuda())
+    assert calls("fwht.cuda") == before + 1
+    assert y.device.type == "cuda" and y.dtype == dtype and y.shape == x64.shape
+    torch.testing.assert_close(y.cpu().double(), expected, **TOL[dtype])
+    torch.testing.assert_close(panther.fwht(y).cpu().double(), x64.to(dtype).double(), **TOL[dtype])
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
+def test_fwht_cuda_strided_bfloat16_empty_and_autograd():
+    base = torch.randn(64, 5, 3, dtype=F64, device="cuda")
+    x = base.permute(2, 1, 0)
+    torch.testing.assert_close(panther.fwht(x).cpu(), x.cpu() @ hadamard(64) / 8.0, **TOL[F64])
+    xb = torch.randn(4, 256, dtype=torch.bfloat16)
+    expected = (xb.double() @ hadamard(256) / 16.0).to(torch.bfloat16)
+    torch.testing.assert_close(panther.fwht(xb.cuda()).cpu(), expected, rtol=0, atol=0)
+    assert panther.fwht(torch.empty(0, 16, device="cuda")).shape == (0, 16)
+    xg = torch.randn(2, 3, 4096, dtype=F64, device="cuda", requires_grad=True)
+    torch.library.opcheck(ops.fwht, (xg,))
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape", SHAPES + [(20000, 48, 250, 8), (3000, 1000, 64, 1)])
+def test_sparse_sketches_cuda_match_dense(shape, dtype):
+    n, c, d, nnz = shape
+    A, rows, vals, S = sparse_inputs(n, c, d, nnz, dtype)
+    G = torch.randn(d, c, dtype=F64).to(dtype)
+    before = calls("sparse_sketch.cuda"), calls("sparse_sketch_t.cuda")
+    out = panther.sparse_sketch(A.cuda(), rows.cuda(), vals.cuda(), d)
+    out_t = panther.sparse_sketch_t(G.cuda(), rows.cuda(), vals.cuda())
+    assert (calls("sparse_sketch.cuda"), calls("sparse_sketch_t.cuda")) == (before[0] + 1, before[1] + 1)
+    S = S.to(dtype).double()
+    torch.testing.assert_close(out.cpu().double(), S @ A.double(), **TOL[dtype])
+    torch.testing.assert_close(out_t.cpu().double(), S.t() @ G.double(), **TOL[dtype])
+    # Sums run in a fixed order (sorted entries, no atomics): repeated calls agree bit for bit.
+    assert torch.equal(panther.sparse_sketch(A.cuda(), rows.cuda(), vals.cuda(), d), out)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
+def test_sparse_sketch_cuda_errors_and_opcheck():
+    A, rows, vals, _ = (t.cuda() if isinstance(t, torch.Tensor) else t for t in sparse_inputs(12, 5, 6, 3, F64))
+    with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 6\)"):
+        panther.sparse_sketch(A, rows + 1, vals, 6)
+    with pytest.raises(RuntimeError, match="must be on"):
+        panther.sparse_sketch(A, rows.cpu(), vals, 6)
+    A.requires_grad_(True)
+    vals.requires_grad_(True)
+    torch.library.opcheck(ops.sparse_sketch, (A, rows, vals, 6))
+    torch.library.opcheck(ops.sparse_sketch_t, (torch.randn(6, 5, dtype=F64, device="cuda"), rows, vals))
