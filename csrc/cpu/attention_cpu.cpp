@@ -31,16 +31,14 @@
 #include <tuple>
 #include <vector>
 
-#include "../linear.h"  // count_call
+#include "../attention.h"  // check_attention, key_bias, kAttentionEps
+#include "../linear.h"     // count_call
 
 namespace panther {
 namespace {
 
-using AttentionGrads = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
-
 constexpr int64_t kBlock = 256;  // rows per block of the non-causal passes
 constexpr int64_t kChunk = 64;  // tokens per causal chunk (the reference uses 128; 64 measured faster here)
-constexpr double kEps = 1e-30;   // the reference's EPS: floor of the denominator
 
 // ---- row kernels -----------------------------------------------------------------------------------------
 // Plain loops over contiguous rows that the compiler vectorises. With GCC on x86-64 Linux each kernel is also
@@ -169,7 +167,7 @@ PANTHER_CLONES void rows_dot(const T* Phi, int64_t n, int64_t m, const T* s, T* 
 template <typename T>
 PANTHER_CLONES void normalise(T* out, int64_t n, int64_t dv, const T* den) {
   for (int64_t t = 0; t < n; ++t) {
-    const T dc = std::max(den[t], T(kEps));
+    const T dc = std::max(den[t], T(kAttentionEps));
     T* o = out + t * dv;
 #pragma omp simd
     for (int64_t j = 0; j < dv; ++j) o[j] = o[j] / dc;
@@ -181,12 +179,12 @@ template <typename T>
 PANTHER_CLONES void numden_grads(const T* g, int64_t ldg, const T* out, const T* den, int64_t n, int64_t dv,
                               T* gnum, T* gden) {
   for (int64_t t = 0; t < n; ++t) {
-    const T dc = std::max(den[t], T(kEps));
+    const T dc = std::max(den[t], T(kAttentionEps));
     const T* gt = g + t * ldg;
     T* gn = gnum + t * dv;
 #pragma omp simd
     for (int64_t j = 0; j < dv; ++j) gn[j] = gt[j] / dc;
-    gden[t] = den[t] > T(kEps) ? -dot(gt, out + t * dv, dv) / dc : T(0);
+    gden[t] = den[t] > T(kAttentionEps) ? -dot(gt, out + t * dv, dv) / dc : T(0);
   }
 }
 
@@ -580,56 +578,12 @@ void causal_backward_head(const Attention<T>& a, const Head<T>& h, const at::Ten
 }
 
 // ---- the ops ---------------------------------------------------------------------------------------------
-const char* const kName = "performer_attention";
-
-// The checks of attention.py's _check, with the same messages.
-void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                     const OptTensor& mask, c10::string_view kernel_fn, bool causal) {
-  TORCH_CHECK(kernel_fn == "softmax" || kernel_fn == "relu", kName,
-              ": kernel must be one of ('softmax', 'relu'), got '", std::string(kernel_fn), "'");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kName, ": q, k, v must be (B, H, L, d), got ", q.dim(),
-              "-D, ", k.dim(), "-D, ", v.dim(), "-D");
-  TORCH_CHECK(q.sizes().slice(0, 2) == k.sizes().slice(0, 2) && q.sizes().slice(0, 2) == v.sizes().slice(0, 2),
-              kName, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " disagree on (B, H)");
-  TORCH_CHECK(k.size(2) == v.size(2), kName, ": k has ", k.size(2), " tokens but v has ", v.size(2));
-  TORCH_CHECK(q.size(3) == k.size(3), kName, ": q head dim ", q.size(3), " differs from k head dim ", k.size(3));
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == q.size(3), kName, ": features must be (m, ", q.size(3),
-              "), got ", features.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), kName,
-              ": dtypes differ: q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(features.scalar_type()), kName,
-              ": q and features must be floating point, got ", q.scalar_type(), ", ", features.scalar_type());
-  if (causal) {
-    TORCH_CHECK(q.size(2) == k.size(2), kName, ": causal attention needs as many queries as keys, got ", q.size(2),
-                " and ", k.size(2));
-  }
-  if (mask) {
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == k.size(0) && mask->size(1) == k.size(2), kName,
-                ": key_padding_mask must be (B, Lk) = (", k.size(0), ", ", k.size(2), "), got ", mask->sizes());
-  }
-}
-
-// float64 stays float64, everything else is computed in float32 (as the reference does).
-at::ScalarType work_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // t detached, in the work dtype, with unit stride along the last dimension (what the row kernels and GEMMs
 // index). Detached because the ATen calls of at::parallel_for's worker threads do not inherit the caller's
 // below-autograd dispatch state: on inputs that require grad, their out= GEMMs would refuse to run.
 at::Tensor unit_rows(const at::Tensor& t, at::ScalarType dtype) {
   at::Tensor w = t.detach().to(dtype);
   return w.size(-1) <= 1 || w.stride(-1) == 1 ? w : w.contiguous();
-}
-
-// The additive key bias (B, Lk): 0 / −inf for a bool mask, the values of a float mask.
-at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype) {
-  if (!mask) return at::Tensor();
-  if (mask->scalar_type() == at::kBool) {
-    return at::zeros(mask->sizes(), mask->options().dtype(dtype))
-        .masked_fill_(*mask, -std::numeric_limits<double>::infinity());
-  }
-  return unit_rows(*mask, dtype).contiguous();
 }
 
 template <typename T>
@@ -685,7 +639,7 @@ at::Tensor performer_attention_cpu(const at::Tensor& q, const at::Tensor& k, con
                                    c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
   check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
   count_call("performer_attention.cpu");
-  const at::ScalarType dtype = work_dtype(q);
+  const at::ScalarType dtype = attention_work_dtype(q);
   const at::Tensor qw = unit_rows(q, dtype), kw = unit_rows(k, dtype), vw = unit_rows(v, dtype);
   const at::Tensor bias = key_bias(key_padding_mask, dtype);
   const int64_t B = q.size(0), H = q.size(1);
@@ -711,7 +665,7 @@ AttentionGrads performer_attention_backward_cpu(const at::Tensor& g_out, const a
   count_call("performer_attention_backward.cpu");
   const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
   const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();
-  const at::ScalarType dtype = work_dtype(q);
+  const at::ScalarType dtype = attention_work_dtype(q);
   const at::Tensor qw = unit_rows(q, dtype), kw = unit_rows(k, dtype), vw = unit_rows(v, dtype);
   const at::Tensor g = unit_rows(g_out, dtype), bias = key_bias(key_padding_mask, dtype);
   const int64_t B = q.size(0), H = q.size(1), Lk = k.size(2), m = features.size(0), d = q.size(3);

@@ -1,0 +1,306 @@
+// FAVOR+ as a composition over all (batch, head) pairs at once: batched GEMMs through ATen (cuBLAS on CUDA)
+// and the row kernels of attention.h, fused on CUDA. The formulas are those of panther_fx/ops/attention.py:
+//   φ(Q) = exp(Q'Wᵀ − rowmax)/√m, φ(K) = exp(K'Wᵀ − |K'|²/2 + b − c)/√m (c: max over a head's keys and
+//   features), [num, den] = φ(Q)(φ(K)ᵀ[V, 1]), out = num / max(den, EPS); relu: φ = relu(UWᵀ)·e^b/√m.
+// For queries the reference's −|Q'|²/2 cancels against its row stabiliser, so it is not computed. Causal
+// products run in chunks of kCausalChunk tokens (masked C×C blocks plus an exclusive prefix sum of the
+// per-chunk states), so memory stays linear in L: the (BH, L, m) features and O(L/C·m·dv) states.
+#include "attention.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace panther {
+
+namespace {
+
+const char* const kName = "performer_attention";
+constexpr int64_t kCausalChunk = 128;  // attention.py's CAUSAL_CHUNK
+
+// a @ b for 2-D or batched 3-D operands of one dtype, accumulated and returned in `work` (the out_dtype
+// overloads keep 16-bit operands on tensor cores with a float32 result).
+at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType work) {
+  if (a.scalar_type() == work) return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+  return a.dim() == 2 ? at::mm(a, b, work) : at::bmm(a, b, work);
+}
+
+// One call's constants and operands; token-major tensors are (BH, L, ·).
+struct Favor {
+  bool relu = false;
+  int64_t B = 0, H = 0, Lq = 0, Lk = 0, d = 0, dv = 0, m = 0;
+  double rs = 1.0, inv_root_m = 1.0;
+  at::ScalarType work = at::kFloat, gemm = at::kFloat;
+  at::Tensor W;          // (m, d) features in the GEMM dtype, unscaled
+  at::Tensor Ws;         // (m, d) features·√scale in the GEMM dtype (= W for relu)
+  at::Tensor qg, kg;     // q, k in the GEMM dtype
+  at::Tensor qw, kw;     // q, k in the work dtype (the same tensors when the dtypes agree)
+  at::Tensor v1;         // [V, 1] (BH, Lk, dv+1) in the GEMM dtype
+  at::Tensor bias_rows;  // (BH·Lk,) additive key bias per key row, or undefined
+};
+
+at::ScalarType gemm_dtype(const at::Tensor& q) {
+  const auto s = q.scalar_type();
+  return q.is_cuda() && (s == at::kBFloat16 || s == at::kHalf) ? s : attention_work_dtype(q);
+}
+
+Favor make_favor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                 const OptTensor& mask, c10::string_view kernel_fn, std::optional<double> scale) {
+  Favor f;
+  f.relu = kernel_fn == "relu";
+  f.B = q.size(0), f.H = q.size(1), f.Lq = q.size(2), f.Lk = k.size(2), f.d = q.size(3), f.dv = v.size(3);
+  f.m = features.size(0);
+  f.work = attention_work_dtype(q);
+  f.gemm = gemm_dtype(q);
+  f.inv_root_m = 1.0 / std::sqrt(static_cast<double>(f.m));
+  f.rs = f.relu ? 1.0 : std::sqrt(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(f.d)));
+  const at::Tensor Ww = features.detach().to(f.work);
+  f.W = Ww.to(f.gemm);
+  f.Ws = f.relu ? f.W : (Ww * f.rs).to(f.gemm);
+  const int64_t BH = f.B * f.H;
+  const auto tokens = [&](const at::Tensor& t, at::ScalarType dtype) {
+    return t.detach().to(dtype).reshape({BH, t.size(2), t.size(3)}).contiguous();
+  };
+  f.qg = tokens(q, f.gemm), f.kg = tokens(k, f.gemm);
+  f.qw = f.gemm == f.work ? f.qg : tokens(q, f.work);
+  f.kw = f.gemm == f.work ? f.kg : tokens(k, f.work);
+  const at::Tensor vg = tokens(v, f.gemm);
+  f.v1 = at::cat({vg, at::ones({BH, f.Lk, 1}, vg.options())}, 2);
+  const at::Tensor bias = key_bias(mask, f.work);
+  if (bias.defined()) f.bias_rows = bias.unsqueeze(1).expand({f.B, f.H, f.Lk}).reshape({BH * f.Lk}).contiguous();
+  return f;
+}
+
+// ---- feature maps (generic ATen forms; the CUDA build fuses each into one pass) ------------------------------
+at::Tensor relu_features(const Favor& f, const at::Tensor& X, const at::Tensor& bias_rows) {
+#ifdef PANTHER_WITH_CUDA
+  if (X.is_cuda()) return cuda_rows::relu_features(X, bias_rows, f.inv_root_m, f.gemm);
+#endif
+  at::Tensor phi = at::relu(X).mul_(f.inv_root_m);
+  if (bias_rows.defined()) phi.mul_(bias_rows.exp().unsqueeze(1));
+  return phi.to(f.gemm);
+}
+
+// X = Q'Wᵀ (BH·Lq, m) -> φ(Q) (BH, Lq, m) in the GEMM dtype.
+at::Tensor query_features(const Favor& f, const at::Tensor& X) {
+  const int64_t BH = f.B * f.H;
+  if (f.relu) return relu_features(f, X, at::Tensor()).view({BH, f.Lq, f.m});
+#ifdef PANTHER_WITH_CUDA
+  if (X.is_cuda()) return cuda_rows::query_softmax_features(X, f.inv_root_m, f.gemm).view({BH, f.Lq, f.m});
+#endif
+  return (X - X.amax(-1, true)).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lq, f.m});
+}
+
+// X = K'Wᵀ (BH·Lk, m) -> φ(K) (BH, Lk, m) in the GEMM dtype, stabilised per head.
+at::Tensor key_features(const Favor& f, const at::Tensor& X) {
+  const int64_t BH = f.B * f.H;
+  if (f.relu) return relu_features(f, X, f.bias_rows).view({BH, f.Lk, f.m});
+  const at::Tensor hsq = f.kw.reshape({BH * f.Lk, f.d}).square().sum(-1).mul_(0.5 * f.rs * f.rs);
+  // All keys of a head padded: the max is −inf; any finite stabiliser leaves φ = 0 there.
+  const auto finite = [](const at::Tensor& stab) { return at::where(at::isfinite(stab), stab, at::zeros_like(stab)); };
+#ifdef PANTHER_WITH_CUDA
+  if (X.is_cuda()) {
+    const at::Tensor stab = finite(cuda_rows::key_row_max(X, hsq, f.bias_rows).view({BH, f.Lk}).amax(-1));
+    return cuda_rows::key_softmax_features(X, hsq, f.bias_rows, stab, f.Lk, f.inv_root_m, f.gemm)
+        .view({BH, f.Lk, f.m});
+  }
+#endif
+  at::Tensor shift = f.bias_rows.defined() ? f.bias_rows - hsq : -hsq;  // per key row: b − |k'|²/2
+  const at::Tensor stab = finite((X.amax(-1) + shift).view({BH, f.Lk}).amax(-1));
+  shift = shift.view({BH, f.Lk}).sub_(stab.unsqueeze(1)).view({BH * f.Lk, 1});
+  return (X + shift).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lk, f.m});
+}
+
+// ---- products ------------------------------------------------------------------------------------------------
+// out_t = Σ_{s ≤ t} (a_t · b_s) c_s for a, b (BH, L, p) and c (BH, L, r) in the GEMM dtype -> (BH, L, r) in
+// `work`: masked C×C blocks inside each chunk plus an exclusive prefix sum of the chunk states b_chunkᵀ c_chunk.
+at::Tensor causal_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::ScalarType work) {
+  const int64_t BH = a.size(0), L = a.size(1), p = a.size(2), r = c.size(2);
+  const int64_t C = std::min(kCausalChunk, L), n = (L + C - 1) / C, pad = n * C - L;
+  // Zero tokens at the end contribute nothing to later sums and their outputs are cut off.
+  const auto chunks = [&](const at::Tensor& t) {
+    const at::Tensor padded = pad ? at::constant_pad_nd(t, {0, 0, 0, pad}) : t;
+    return padded.reshape({BH * n, C, t.size(2)});
+  };
+  const at::Tensor ac = chunks(a), bc = chunks(b), cc = chunks(c);
+  const at::Tensor scores = matmul_acc(ac, bc.transpose(1, 2), work).tril_();
+  at::Tensor out = matmul_acc(scores.to(a.scalar_type()), cc, work);
+  const at::Tensor state = matmul_acc(bc.transpose(1, 2), cc, work).view({BH, n, p, r});
+  const at::Tensor prefix = (state.cumsum(1) - state).to(a.scalar_type()).view({BH * n, p, r});
+  out.add_(matmul_acc(ac, prefix, work));
+  return out.view({BH, n * C, r}).narrow(1, 0, L).contiguous();
+}
+
+// out_s = Σ_{t ≥ s} (a_s · b_t) c_t: the causal product of the time-reversed sequences.
+at::Tensor anticausal_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::ScalarType work) {
+  return causal_product(a.flip(1), b.flip(1), c.flip(1), work).flip(1);
+}
+
+struct Forward {
+  at::Tensor Xq, Xk;      // (BH·L, m) projections in the work dtype (the relu backward needs their signs)
+  at::Tensor phi_q, phi_k;  // (BH, L, m) in the GEMM dtype
+  at::Tensor numden;      // (BH, Lq, dv+1) in the work dtype
+};
+
+Forward forward(const Favor& f, bool causal) {
+  const int64_t BH = f.B * f.H;
+  Forward r;
+  r.Xq = matmul_acc(f.qg.view({BH * f.Lq, f.d}), f.Ws.t(), f.work);
+  r.Xk = matmul_acc(f.kg.view({BH * f.Lk, f.d}), f.Ws.t(), f.work);
+  r.phi_q = query_features(f, r.Xq);
+  r.phi_k = key_features(f, r.Xk);
+  r.numden = causal ? causal_product(r.phi_q, r.phi_k, f.v1, f.work)
+                    : matmul_acc(r.phi_q, matmul_acc(r.phi_k.transpose(1, 2), f.v1, f.work).to(f.gemm), f.work);
+  return r;
+}
+
+// Gradients of φ w.r.t. u (BH, L, d), W (m, d) and the additive bias (BH·L,), given g_phi (BH, L, m):
+// softmax: ∂φ_j/∂u' = φ_j (w_j − u'), relu: ∂φ_j/∂u = 1[w_jᵀu > 0] w_j e^b/√m; both: ∂φ_j/∂b = φ_j.
+struct FeatureGrads {
+  at::Tensor u, W, bias;
+};
+
+FeatureGrads feature_backward(const Favor& f, const at::Tensor& g_phi, const at::Tensor& phi, const at::Tensor& X,
+                              const at::Tensor& ug, const at::Tensor& uw, const at::Tensor& bias_rows, bool need_u,
+                              bool need_W) {
+  const int64_t rows = g_phi.size(0) * g_phi.size(1);
+  FeatureGrads g;
+  const at::Tensor gp = (g_phi * phi.to(f.work)).view({rows, f.m});
+  g.bias = gp.sum(-1);
+  at::Tensor pre;  // ∂loss/∂(U Wᵀ) in the GEMM dtype, before the softmax's −|u'|²/2 term
+  double to_u = 1.0, to_W = 1.0;
+  if (f.relu) {
+    at::Tensor factor = (X > 0).to(f.work).mul_(f.inv_root_m);
+    if (bias_rows.defined()) factor.mul_(bias_rows.exp().unsqueeze(1));
+    pre = (g_phi.view({rows, f.m}) * factor).to(f.gemm);
+  } else {
+    pre = gp.to(f.gemm);
+    to_u = to_W = f.rs;  // u' = u·√scale
+  }
+  if (need_u) {
+    g.u = matmul_acc(pre, f.W, f.work).mul_(to_u);
+    if (!f.relu) g.u.sub_(g.bias.unsqueeze(1) * uw.view({rows, f.d}), f.rs * f.rs);
+    g.u = g.u.view({g_phi.size(0), g_phi.size(1), f.d});
+  }
+  if (need_W) g.W = matmul_acc(pre.t(), ug.view({rows, f.d}), f.work).mul_(to_W);
+  return g;
+}
+
+}  // namespace
+
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                     const OptTensor& mask, c10::string_view kernel_fn, bool causal) {
+  TORCH_CHECK(kernel_fn == "softmax" || kernel_fn == "relu", kName,
+              ": kernel must be one of ('softmax', 'relu'), got '", std::string(kernel_fn), "'");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kName, ": q, k, v must be (B, H, L, d), got ", q.dim(),
+              "-D, ", k.dim(), "-D, ", v.dim(), "-D");
+  TORCH_CHECK(q.sizes().slice(0, 2) == k.sizes().slice(0, 2) && q.sizes().slice(0, 2) == v.sizes().slice(0, 2),
+              kName, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " disagree on (B, H)");
+  TORCH_CHECK(k.size(2) == v.size(2), kName, ": k has ", k.size(2), " tokens but v has ", v.size(2));
+  TORCH_CHECK(q.size(3) == k.size(3), kName, ": q head dim ", q.size(3), " differs from k head dim ", k.size(3));
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == q.size(3), kName, ": features must be (m, ", q.size(3),
+              "), got ", features.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), kName,
+              ": dtypes differ: q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(features.scalar_type()), kName,
+              ": q and features must be floating point, got ", q.scalar_type(), ", ", features.scalar_type());
+  if (causal) {
+    TORCH_CHECK(q.size(2) == k.size(2), kName, ": causal attention needs as many queries as keys, got ", q.size(2),
+                " and ", k.size(2));
+  }
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == k.size(0) && mask->size(1) == k.size(2), kName,
+                ": key_padding_mask must be (B, Lk) = (", k.size(0), ", ", k.size(2), "), got ", mask->sizes());
+  }
+}
+
+at::ScalarType attention_work_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype) {
+  if (!mask) return at::Tensor();
+  if (mask->scalar_type() == at::kBool) {
+    return at::zeros(mask->sizes(), mask->options().dtype(dtype))
+        .masked_fill_(*mask, -std::numeric_limits<double>::infinity());
+  }
+  return mask->detach().to(dtype).contiguous();
+}
+
+at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& features, const OptTensor& key_padding_mask,
+                                         c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale);
+  if (f.Lq == 0 || f.Lk == 0 || f.B * f.H == 0)  // no admissible key: 0, as for fully padded rows
+    return at::zeros({f.B, f.H, f.Lq, f.dv}, q.options());
+  const Forward r = forward(f, causal);
+#ifdef PANTHER_WITH_CUDA
+  if (q.is_cuda())
+    return cuda_rows::normalise(r.numden.view({-1, f.dv + 1}), q.scalar_type()).view({f.B, f.H, f.Lq, f.dv});
+#endif
+  const at::Tensor den = r.numden.narrow(2, f.dv, 1).clamp_min(kAttentionEps);
+  return (r.numden.narrow(2, 0, f.dv) / den).to(q.scalar_type()).view({f.B, f.H, f.Lq, f.dv});
+}
+
+AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, const at::Tensor& q,
+                                                      const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& features, const OptTensor& key_padding_mask,
+                                                      c10::string_view kernel_fn, bool causal,
+                                                      std::optional<double> scale, std::array<bool, 5> needs) {
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
+  const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();
+  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale);
+  const int64_t BH = f.B * f.H;
+  if (f.Lq == 0 || f.Lk == 0 || BH == 0) {
+    const auto zero = [](bool need, const at::Tensor& t) { return need ? OptTensor(at::zeros_like(t)) : std::nullopt; };
+    return {zero(need_q, q), zero(need_k, k), zero(need_v, v), zero(need_W, features),
+            zero(need_mask, need_mask ? *key_padding_mask : q)};
+  }
+  const Forward r = forward(f, causal);
+  // out = num / den_c: g_num = g / den_c, g_den = −(g · out) / den_c (0 where the clamp is active).
+  const at::Tensor num = r.numden.narrow(2, 0, f.dv), den = r.numden.narrow(2, f.dv, 1);
+  const at::Tensor den_c = den.clamp_min(kAttentionEps);
+  const at::Tensor g = g_out.detach().to(f.work).reshape({BH, f.Lq, f.dv});
+  const at::Tensor out = num / den_c;
+  const at::Tensor g_den = at::where(den > kAttentionEps, -(g * out).sum(-1, true) / den_c, at::zeros_like(den));
+  const at::Tensor g_numden = at::cat({g / den_c, g_den}, 2).to(f.gemm);  // (BH, Lq, dv+1)
+  at::Tensor g_phi_q, g_phi_k, g_v1;
+  if (causal) {
+    g_phi_q = causal_product(g_numden, f.v1, r.phi_k, f.work);
+    g_phi_k = anticausal_product(f.v1, g_numden, r.phi_q, f.work);
+    if (need_v) g_v1 = anticausal_product(r.phi_k, r.phi_q, g_numden, f.work);
+  } else {
+    const at::Tensor kv = matmul_acc(r.phi_k.transpose(1, 2), f.v1, f.work).to(f.gemm);      // (BH, m, dv+1)
+    const at::Tensor g_kv = matmul_acc(r.phi_q.transpose(1, 2), g_numden, f.work).to(f.gemm);  // (BH, m, dv+1)
+    g_phi_q = matmul_acc(g_numden, kv.transpose(1, 2), f.work);
+    g_phi_k = matmul_acc(f.v1, g_kv.transpose(1, 2), f.work);
+    if (need_v) g_v1 = matmul_acc(r.phi_k, g_kv, f.work);
+  }
+  const FeatureGrads gq = feature_backward(f, g_phi_q, r.phi_q, r.Xq, f.qg, f.qw, at::Tensor(), need_q, need_W);
+  const FeatureGrads gk = feature_backward(f, g_phi_k, r.phi_k, r.Xk, f.kg, f.kw, f.bias_rows, need_k, need_W);
+  const auto cast = [&](bool need, const at::Tensor& t, const at::Tensor& like) -> OptTensor {
+    return need ? OptTensor(t.reshape(like.sizes()).to(like.scalar_type())) : std::nullopt;
+  };
+  return {cast(need_q, gq.u, q), cast(need_k, gk.u, k), need_v ? cast(true, g_v1.narrow(2, 0, f.dv), v) : std::nullopt,
+          need_W ? OptTensor((gq.W + gk.W).to(features.scalar_type())) : std::nullopt,
+          need_mask ? OptTensor(gk.bias.view({f.B, f.H, f.Lk}).sum(1).to(key_padding_mask->scalar_type()))
+                    : std::nullopt};
+}
+
+// The composition the CUDA kernels run, callable on every device so that CI tests it on the CPU (where the
+// registered kernels are the fused per-head ones).
+TORCH_LIBRARY_FRAGMENT(panther, m) {
+  m.def("_performer_attention_composite(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, "
+        "str kernel_fn, bool causal, float? scale) -> Tensor",
+        &performer_attention_composite);
+  m.def("_performer_attention_backward_composite(Tensor g_out, Tensor q, Tensor k, Tensor v, Tensor features, "
+        "Tensor? key_padding_mask, str kernel_fn, bool causal, float? scale, bool[5] needs) "
+        "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
+        &performer_attention_backward_composite);
+}
+
+}  // namespace panther

@@ -1,0 +1,61 @@
+// FAVOR+ attention shared by the native kernels of panther::performer_attention(_backward): the op checks, and
+// the device-generic composition of batched GEMMs and row kernels that the CUDA registration runs (the CPU
+// registration runs its own fused per-head kernels, csrc/cpu/attention_cpu.cpp). The math, stabilisers and
+// EPS clamp are those of the reference bodies in panther_fx/ops/attention.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "linear.h"  // OptTensor
+
+namespace panther {
+
+using AttentionGrads = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor>;
+
+constexpr double kAttentionEps = 1e-30;  // the reference's EPS: floor of the denominator
+
+// The checks of attention.py's _check, with the same messages.
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                     const OptTensor& mask, c10::string_view kernel_fn, bool causal);
+
+// float64 stays float64, everything else is computed in float32 (as the reference does).
+at::ScalarType attention_work_dtype(const at::Tensor& q);
+
+// The additive key bias (B, Lk), detached and contiguous: 0 / −inf for a bool mask, the values of a float mask.
+at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype);
+
+// The composition over all (batch, head) pairs at once: out (B, H, Lq, dv) in q's dtype. Every GEMM
+// accumulates in the work dtype; on CUDA, bfloat16/float16 inputs keep their dtype as GEMM operands (features
+// and states are rounded to it before the GEMMs that consume them, as flash attention rounds its
+// probabilities), every other case computes in the work dtype throughout.
+at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& features, const OptTensor& key_padding_mask,
+                                         c10::string_view kernel_fn, bool causal, std::optional<double> scale);
+
+AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, const at::Tensor& q,
+                                                      const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& features, const OptTensor& key_padding_mask,
+                                                      c10::string_view kernel_fn, bool causal,
+                                                      std::optional<double> scale, std::array<bool, 5> needs);
+
+// Row kernels of the composition, fused on CUDA (csrc/cuda/attention_cuda.cu); all rows are the last dim.
+//   query_softmax_features: φ = exp(X − rowmax X)/√m, X (n, m) in the work dtype -> φ in `out_dtype`.
+//   key_row_max:            max_j X[s, j] − hsq[s] + bias[s] -> (n,).
+//   key_softmax_features:   φ = exp(X − hsq[s] + bias[s] − stab[s / rows_per_stab])/√m -> `out_dtype`.
+//   relu_features:          φ = relu(X)·e^{bias[s]}/√m (bias undefined: e^0) -> `out_dtype`.
+//   normalise:              numden (n, dv+1) -> num / max(den, EPS) (n, dv) in `out_dtype`.
+namespace cuda_rows {
+at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype);
+at::Tensor key_row_max(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias);
+at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
+                                const at::Tensor& stab, int64_t rows_per_stab, double inv_root_m,
+                                at::ScalarType out_dtype);
+at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv_root_m, at::ScalarType out_dtype);
+at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype);
+}  // namespace cuda_rows
+
+}  // namespace panther

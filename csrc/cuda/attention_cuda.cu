@@ -1,0 +1,230 @@
+// CUDA registration of panther::performer_attention(_backward): the batched composition of csrc/attention.cpp
+// (cuBLAS GEMMs over all (batch, head) pairs) with its row kernels fused here, one pass over the (rows, m)
+// projections each instead of the four to six elementwise passes of their ATen forms. One warp per row, lanes
+// along the row (coalesced); work dtype float (double for double inputs); all launches on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../attention.h"
+
+namespace panther {
+namespace {
+
+constexpr int kRowWarps = 8;  // rows per block
+
+__device__ __forceinline__ float exp_w(float x) { return expf(x); }
+__device__ __forceinline__ double exp_w(double x) { return exp(x); }
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// The row this warp owns (or -1 past the end) and its lane.
+__device__ __forceinline__ int64_t warp_row(int64_t rows) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  return r < rows ? r : -1;
+}
+
+// The additive term of row r: −hsq[r] + bias[r] (bias may be null).
+template <typename W>
+__device__ __forceinline__ W key_shift(const W* hsq, const W* bias, int64_t r) {
+  return -hsq[r] + (bias ? bias[r] : W(0));
+}
+
+template <typename W, typename O>
+__global__ void query_softmax_kernel(const W* __restrict__ X, O* __restrict__ phi, int64_t rows, int64_t m,
+                                     W inv_root_m) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W* x = X + r * m;
+  W mx = -INFINITY;
+  for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, x[j]);
+  mx = warp_max(mx);
+  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(exp_w(x[j] - mx) * inv_root_m);
+}
+
+template <typename W>
+__global__ void key_row_max_kernel(const W* __restrict__ X, const W* __restrict__ hsq, const W* __restrict__ bias,
+                                   W* __restrict__ out, int64_t rows, int64_t m) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  W mx = -INFINITY;
+  for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, X[r * m + j]);
+  mx = warp_max(mx);
+  if (lane == 0) out[r] = mx + key_shift(hsq, bias, r);
+}
+
+template <typename W, typename O>
+__global__ void key_softmax_kernel(const W* __restrict__ X, const W* __restrict__ hsq, const W* __restrict__ bias,
+                                   const W* __restrict__ stab, int64_t rows_per_stab, O* __restrict__ phi,
+                                   int64_t rows, int64_t m, W inv_root_m) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W shift = key_shift(hsq, bias, r) - stab[r / rows_per_stab];
+  for (int64_t j = lane; j < m; j += 32)
+    phi[r * m + j] = static_cast<O>(exp_w(X[r * m + j] + shift) * inv_root_m);
+}
+
+template <typename W, typename O>
+__global__ void relu_features_kernel(const W* __restrict__ X, const W* __restrict__ bias, O* __restrict__ phi,
+                                     int64_t rows, int64_t m, W inv_root_m) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W factor = bias ? exp_w(bias[r]) * inv_root_m : inv_root_m;
+  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(fmax(X[r * m + j], W(0)) * factor);
+}
+
+template <typename W, typename O>
+__global__ void normalise_kernel(const W* __restrict__ numden, O* __restrict__ out, int64_t rows, int64_t dv) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W* row = numden + r * (dv + 1);
+  const W den = fmax(row[dv], W(kAttentionEps));
+  for (int64_t j = lane; j < dv; j += 32) out[r * dv + j] = static_cast<O>(row[j] / den);
+}
+
+// f(W{}, O{}) for the work dtype of X (float or double) and the output dtype: double work writes double,
+// float work writes float, bfloat16 or float16.
+template <typename F>
+void dispatch_work_out(const at::Tensor& X, at::ScalarType out, const F& f) {
+  if (X.scalar_type() == at::kDouble) {
+    TORCH_CHECK(out == at::kDouble, "performer_attention: double work dtype with output dtype ", out);
+    return f(double{}, double{});
+  }
+  TORCH_CHECK(X.scalar_type() == at::kFloat, "performer_attention: work dtype must be float or double, got ",
+              X.scalar_type());
+  switch (out) {
+    case at::kFloat: return f(float{}, float{});
+    case at::kBFloat16: return f(float{}, at::BFloat16{});
+    case at::kHalf: return f(float{}, at::Half{});
+    default: TORCH_CHECK(false, "performer_attention: unsupported output dtype ", out);
+  }
+}
+
+dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps)); }
+
+template <typename W>
+const W* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<W>() : nullptr;
+}
+
+}  // namespace
+
+namespace cuda_rows {
+
+at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype) {
+  const int64_t rows = X.size(0), m = X.size(1);
+  at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
+  if (rows == 0) return phi;
+  dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    query_softmax_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X.const_data_ptr<W>(), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return phi;
+}
+
+at::Tensor key_row_max(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias) {
+  const int64_t rows = X.size(0), m = X.size(1);
+  at::Tensor out = at::empty({rows}, X.options());
+  if (rows == 0) return out;
+  dispatch_work_out(X, X.scalar_type(), [&](auto w, auto) {
+    using W = decltype(w);
+    key_row_max_kernel<W><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X.const_data_ptr<W>(), hsq.const_data_ptr<W>(), opt_ptr<W>(bias), out.mutable_data_ptr<W>(), rows, m);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
+                                const at::Tensor& stab, int64_t rows_per_stab, double inv_root_m,
+                                at::ScalarType out_dtype) {
+  const int64_t rows = X.size(0), m = X.size(1);
+  at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
+  if (rows == 0) return phi;
+  const at::Tensor stab_c = stab.contiguous();
+  dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    key_softmax_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X.const_data_ptr<W>(), hsq.const_data_ptr<W>(), opt_ptr<W>(bias), stab_c.const_data_ptr<W>(), rows_per_stab,
+        phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return phi;
+}
+
+at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv_root_m, at::ScalarType out_dtype) {
+  const int64_t rows = X.size(0), m = X.size(1);
+  at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
+  if (rows == 0) return phi;
+  dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    relu_features_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X.const_data_ptr<W>(), opt_ptr<W>(bias), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return phi;
+}
+
+at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
+  const int64_t rows = numden.size(0), dv = numden.size(1) - 1;
+  at::Tensor out = at::empty({rows, dv}, numden.options().dtype(out_dtype));
+  if (rows == 0) return out;
+  dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    normalise_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace cuda_rows
+
+namespace {
+
+at::Tensor performer_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& features, const OptTensor& key_padding_mask,
+                                    c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  count_call("performer_attention.cuda");
+  return performer_attention_composite(q, k, v, features, key_padding_mask, kernel_fn, causal, scale);
+}
+
+AttentionGrads performer_attention_backward_cuda(const at::Tensor& g_out, const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& features,
+                                                 const OptTensor& key_padding_mask, c10::string_view kernel_fn,
+                                                 bool causal, std::optional<double> scale, std::array<bool, 5> needs) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  count_call("performer_attention_backward.cuda");
+  return performer_attention_backward_composite(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale,
+                                                needs);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(panther, CUDA, m) {
+  m.impl("performer_attention", &performer_attention_cuda);
+  m.impl("performer_attention_backward", &performer_attention_backward_cuda);
+}
+
+}  // namespace panther
