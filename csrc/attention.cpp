@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 
 namespace panther {
 
@@ -41,9 +42,10 @@ struct Favor {
   at::Tensor bias_rows;  // (BH·Lk,) additive key bias per key row, or undefined
 };
 
+// bfloat16 keeps float32's exponent range, so features and states (sums over up to L keys) cannot overflow in
+// it; float16 could (its max is 65504), so float16 inputs compute in float32 like every other dtype.
 at::ScalarType gemm_dtype(const at::Tensor& q) {
-  const auto s = q.scalar_type();
-  return q.is_cuda() && (s == at::kBFloat16 || s == at::kHalf) ? s : attention_work_dtype(q);
+  return q.is_cuda() && q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : attention_work_dtype(q);
 }
 
 Favor make_favor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
@@ -156,8 +158,34 @@ Forward forward(const Favor& f, bool causal) {
   return r;
 }
 
+// Per row of g_phi (rows, m) in the work dtype and φ (rows, m) in the GEMM dtype: ∂loss/∂b = Σ_j g_phi_j φ_j
+// (rows,), and ∂loss/∂(UWᵀ) in the GEMM dtype: g_phi ⊙ φ (softmax) or g_phi ⊙ 1[X > 0] e^b/√m (relu).
+std::tuple<at::Tensor, at::Tensor> feature_grad_rows(const Favor& f, const at::Tensor& g_phi, const at::Tensor& phi,
+                                                     const at::Tensor& X, const at::Tensor& bias_rows) {
+#ifdef PANTHER_WITH_CUDA
+  if (g_phi.is_cuda()) return cuda_rows::feature_grads(g_phi, phi, f.relu ? X : at::Tensor(), bias_rows, f.inv_root_m);
+#endif
+  const at::Tensor gp = g_phi * phi.to(f.work);
+  if (!f.relu) return {gp.to(f.gemm), gp.sum(-1)};
+  at::Tensor factor = (X > 0).to(f.work).mul_(f.inv_root_m);
+  if (bias_rows.defined()) factor.mul_(bias_rows.exp().unsqueeze(1));
+  return {(g_phi * factor).to(f.gemm), gp.sum(-1)};
+}
+
 // Gradients of φ w.r.t. u (BH, L, d), W (m, d) and the additive bias (BH·L,), given g_phi (BH, L, m):
 // softmax: ∂φ_j/∂u' = φ_j (w_j − u'), relu: ∂φ_j/∂u = 1[w_jᵀu > 0] w_j e^b/√m; both: ∂φ_j/∂b = φ_j.
+// ∂loss/∂[num, den] (rows, dv+1) in the GEMM dtype from g = ∂loss/∂out (rows, dv) and numden (rows, dv+1), both
+// in the work dtype: out = num / den_c gives g / den_c and −(g · out) / den_c (0 where the EPS clamp is active).
+at::Tensor numden_grads(const Favor& f, const at::Tensor& g, const at::Tensor& numden) {
+#ifdef PANTHER_WITH_CUDA
+  if (g.is_cuda()) return cuda_rows::numden_grads(g, numden, f.gemm);
+#endif
+  const at::Tensor num = numden.narrow(1, 0, f.dv), den = numden.narrow(1, f.dv, 1);
+  const at::Tensor den_c = den.clamp_min(kAttentionEps);
+  const at::Tensor g_den = at::where(den > kAttentionEps, -(g * (num / den_c)).sum(-1, true) / den_c, at::zeros_like(den));
+  return at::cat({g / den_c, g_den}, 1).to(f.gemm);
+}
+
 struct FeatureGrads {
   at::Tensor u, W, bias;
 };
@@ -167,18 +195,9 @@ FeatureGrads feature_backward(const Favor& f, const at::Tensor& g_phi, const at:
                               bool need_W) {
   const int64_t rows = g_phi.size(0) * g_phi.size(1);
   FeatureGrads g;
-  const at::Tensor gp = (g_phi * phi.to(f.work)).view({rows, f.m});
-  g.bias = gp.sum(-1);
   at::Tensor pre;  // ∂loss/∂(U Wᵀ) in the GEMM dtype, before the softmax's −|u'|²/2 term
-  double to_u = 1.0, to_W = 1.0;
-  if (f.relu) {
-    at::Tensor factor = (X > 0).to(f.work).mul_(f.inv_root_m);
-    if (bias_rows.defined()) factor.mul_(bias_rows.exp().unsqueeze(1));
-    pre = (g_phi.view({rows, f.m}) * factor).to(f.gemm);
-  } else {
-    pre = gp.to(f.gemm);
-    to_u = to_W = f.rs;  // u' = u·√scale
-  }
+  std::tie(pre, g.bias) = feature_grad_rows(f, g_phi.view({rows, f.m}), phi.view({rows, f.m}), X, bias_rows);
+  const double to_u = f.relu ? 1.0 : f.rs, to_W = to_u;  // softmax: u' = u·√scale
   if (need_u) {
     g.u = matmul_acc(pre, f.W, f.work).mul_(to_u);
     if (!f.relu) g.u.sub_(g.bias.unsqueeze(1) * uw.view({rows, f.d}), f.rs * f.rs);
@@ -261,13 +280,8 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
             zero(need_mask, need_mask ? *key_padding_mask : q)};
   }
   const Forward r = forward(f, causal);
-  // out = num / den_c: g_num = g / den_c, g_den = −(g · out) / den_c (0 where the clamp is active).
-  const at::Tensor num = r.numden.narrow(2, 0, f.dv), den = r.numden.narrow(2, f.dv, 1);
-  const at::Tensor den_c = den.clamp_min(kAttentionEps);
-  const at::Tensor g = g_out.detach().to(f.work).reshape({BH, f.Lq, f.dv});
-  const at::Tensor out = num / den_c;
-  const at::Tensor g_den = at::where(den > kAttentionEps, -(g * out).sum(-1, true) / den_c, at::zeros_like(den));
-  const at::Tensor g_numden = at::cat({g / den_c, g_den}, 2).to(f.gemm);  // (BH, Lq, dv+1)
+  const at::Tensor g = g_out.detach().to(f.work).reshape({BH * f.Lq, f.dv}).contiguous();
+  const at::Tensor g_numden = numden_grads(f, g, r.numden.view({BH * f.Lq, f.dv + 1})).view({BH, f.Lq, f.dv + 1});
   at::Tensor g_phi_q, g_phi_k, g_v1;
   if (causal) {
     g_phi_q = causal_product(g_numden, f.v1, r.phi_k, f.work);

@@ -29,9 +29,9 @@ at::ScalarType attention_work_dtype(const at::Tensor& q);
 at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype);
 
 // The composition over all (batch, head) pairs at once: out (B, H, Lq, dv) in q's dtype. Every GEMM
-// accumulates in the work dtype; on CUDA, bfloat16/float16 inputs keep their dtype as GEMM operands (features
-// and states are rounded to it before the GEMMs that consume them, as flash attention rounds its
-// probabilities), every other case computes in the work dtype throughout.
+// accumulates in the work dtype; on CUDA, bfloat16 inputs keep their dtype as GEMM operands (features and
+// states are rounded to it before the GEMMs that consume them, as flash attention rounds its probabilities),
+// every other case (float16 included: its range could overflow the states) computes in the work dtype.
 at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& features, const OptTensor& key_padding_mask,
                                          c10::string_view kernel_fn, bool causal, std::optional<double> scale);
@@ -48,6 +48,10 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
 //   key_softmax_features:   φ = exp(X − hsq[s] + bias[s] − stab[s / rows_per_stab])/√m -> `out_dtype`.
 //   relu_features:          φ = relu(X)·e^{bias[s]}/√m (bias undefined: e^0) -> `out_dtype`.
 //   normalise:              numden (n, dv+1) -> num / max(den, EPS) (n, dv) in `out_dtype`.
+//   numden_grads:           g (n, dv), numden (n, dv+1) -> [g, −g·out]/max(den, EPS) (n, dv+1) in `out_dtype`
+//                           (the last column 0 where den ≤ EPS).
+//   feature_grads:          g_phi (n, m) in the work dtype, φ (n, m) -> (pre, g_bias): pre = g_phi ⊙ φ, or for
+//                           relu (X defined) g_phi ⊙ 1[X > 0]·e^{bias}/√m, in φ's dtype; g_bias = Σ_j g_phi φ.
 namespace cuda_rows {
 at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype);
 at::Tensor key_row_max(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias);
@@ -56,6 +60,9 @@ at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, cons
                                 at::ScalarType out_dtype);
 at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv_root_m, at::ScalarType out_dtype);
 at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype);
+at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::ScalarType out_dtype);
+std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const at::Tensor& phi, const at::Tensor& X,
+                                                 const at::Tensor& bias, double inv_root_m);
 }  // namespace cuda_rows
 
 }  // namespace panther

@@ -4,7 +4,7 @@
 On the CPU the composition is reached through its private ops ``panther::_performer_attention_composite`` and
 ``_performer_attention_backward_composite`` with its ATen row kernels; on CUDA (``cuda`` marker, skipped
 without a GPU or without the CUDA build) through the public ops, with the fused CUDA row kernels and, for
-bfloat16/float16 inputs, 16-bit GEMM operands.
+bfloat16 inputs, bfloat16 GEMM operands.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ def test_cuda_float32_matches_float64_reference(kernel, causal, mask):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_half_precisions_finite_and_close(dtype, causal):
-    """Large norms (|q·k|/√d ~ 900) stay finite; the 16-bit GEMM operands (features and states rounded to
-    dtype, float32 accumulation) keep the output within a few roundings of dtype of the float64 reference."""
+    """Large norms (|q·k|/√d ~ 900) stay finite; bfloat16 GEMM operands (features and states rounded to
+    bfloat16, float32 accumulation) and float16's float32 path keep the output within a few roundings of
+    dtype of the float64 reference."""
     q, k, v, W, pad = inputs(mask="bool", L=200, d=16)
     q, k = q * 60, k * 60
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

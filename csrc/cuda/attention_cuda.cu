@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "../attention.h"
 
@@ -94,6 +95,52 @@ __global__ void normalise_kernel(const W* __restrict__ numden, O* __restrict__ o
   const W* row = numden + r * (dv + 1);
   const W den = fmax(row[dv], W(kAttentionEps));
   for (int64_t j = lane; j < dv; j += 32) out[r * dv + j] = static_cast<O>(row[j] / den);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// [g / den_c, −(g · num / den_c) / den_c] per row, the last entry 0 where den ≤ EPS.
+template <typename W, typename O>
+__global__ void numden_grads_kernel(const W* __restrict__ g, const W* __restrict__ numden, O* __restrict__ out,
+                                    int64_t rows, int64_t dv) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W* nd = numden + r * (dv + 1);
+  const W den = nd[dv], den_c = fmax(den, W(kAttentionEps));
+  W dot = 0;
+  for (int64_t j = lane; j < dv; j += 32) {
+    const W gj = g[r * dv + j];
+    dot += gj * (nd[j] / den_c);
+    out[r * (dv + 1) + j] = static_cast<O>(gj / den_c);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) out[r * (dv + 1) + dv] = static_cast<O>(den > W(kAttentionEps) ? -dot / den_c : W(0));
+}
+
+// pre = g_phi ⊙ φ (softmax, X null) or g_phi ⊙ 1[X > 0]·e^{bias}/√m (relu); g_bias = Σ_j g_phi φ per row.
+template <typename W, typename O>
+__global__ void feature_grads_kernel(const W* __restrict__ g_phi, const O* __restrict__ phi, const W* __restrict__ X,
+                                     const W* __restrict__ bias, O* __restrict__ pre, W* __restrict__ g_bias,
+                                     int64_t rows, int64_t m, W inv_root_m) {
+  const int64_t r = warp_row(rows);
+  if (r < 0) return;
+  const int lane = threadIdx.x % 32;
+  const W factor = bias ? exp_w(bias[r]) * inv_root_m : inv_root_m;
+  W sum = 0;
+  for (int64_t j = lane; j < m; j += 32) {
+    const int64_t i = r * m + j;
+    const W gp = g_phi[i] * static_cast<W>(phi[i]);
+    sum += gp;
+    pre[i] = static_cast<O>(X ? (X[i] > W(0) ? g_phi[i] * factor : W(0)) : gp);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) g_bias[r] = sum;
 }
 
 // f(W{}, O{}) for the work dtype of X (float or double) and the output dtype: double work writes double,
@@ -196,6 +243,37 @@ at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::ScalarType out_dtype) {
+  const int64_t rows = numden.size(0), dv = numden.size(1) - 1;
+  at::Tensor out = at::empty({rows, dv + 1}, numden.options().dtype(out_dtype));
+  if (rows == 0) return out;
+  dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    numden_grads_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.const_data_ptr<W>(), numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const at::Tensor& phi, const at::Tensor& X,
+                                                 const at::Tensor& bias, double inv_root_m) {
+  const int64_t rows = g_phi.size(0), m = g_phi.size(1);
+  at::Tensor pre = at::empty({rows, m}, phi.options());
+  at::Tensor g_bias = at::empty({rows}, g_phi.options());
+  if (rows == 0) return {pre, g_bias};
+  dispatch_work_out(g_phi, phi.scalar_type(), [&](auto w, auto o) {
+    using W = decltype(w);
+    using O = decltype(o);
+    feature_grads_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g_phi.const_data_ptr<W>(), phi.const_data_ptr<O>(), opt_ptr<W>(X), opt_ptr<W>(bias),
+        pre.mutable_data_ptr<O>(), g_bias.mutable_data_ptr<W>(), rows, m, static_cast<W>(inv_root_m));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {pre, g_bias};
 }
 
 }  // namespace cuda_rows

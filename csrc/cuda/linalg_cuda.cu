@@ -33,7 +33,7 @@ namespace {
 constexpr int kFwhtThreads = 256;
 constexpr int kRadixLog = 3;
 constexpr int kRadix = 1 << kRadixLog;   // elements a thread transforms in registers per round
-constexpr int kTileBytes = 32 * 1024;    // shared memory per block (below the 48 KiB static limit)
+constexpr int kTileBytes = 32 * 1024;    // data per block; with the row layout's pad 36 KiB (< the 48 KiB default)
 constexpr int kStridedColumns = 32;      // adjacent columns per block on the strided passes
 
 // The 2^S-point unscaled Hadamard transform of v[0, 2^S): every index is a compile-time constant, so v
@@ -56,8 +56,13 @@ __device__ __forceinline__ void wht_registers(T (&v)[kRadix]) {
 // All stages of `items` unscaled transforms of length L (a power of two) held in shared memory, element p of
 // item i at sh[i·item_stride + p·pos_stride]. A round with base stride h gives each thread the group
 // {base + j·h : j < radix} (base = (r / h)·radix·h + r % h) and runs the stages of stride h .. (radix/2)·h on it.
-// kItemFast: consecutive threads take consecutive items (items adjacent in memory) rather than consecutive
-// groups of one item, so that shared-memory accesses of a warp fall into distinct banks.
+// Two layouts, each chosen so that the 32 threads of a warp hit distinct shared-memory banks:
+// - rows (kItemFast = false: consecutive threads take consecutive groups of one row) stores element i at
+//   padded(i) = i + i/8: without the pad, the first rounds' groups (8 apart, then 64 apart in blocks of 8)
+//   would put 8 and 4 threads of a warp on one bank;
+// - column tiles (kItemFast = true: consecutive threads take consecutive columns, which are adjacent).
+__device__ __forceinline__ int padded(int i) { return i + (i >> 3); }
+
 template <bool kItemFast, typename T>
 __device__ void wht_shared(T* sh, int L, int items, int item_stride, int pos_stride) {
   for (int h = 1; h < L; h *= kRadix) {
@@ -66,11 +71,15 @@ __device__ void wht_shared(T* sh, int L, int items, int item_stride, int pos_str
     const int radix = 1 << radix_log, groups = L >> radix_log;
     for (int g = threadIdx.x; g < items * groups; g += blockDim.x) {
       const int item = kItemFast ? g % items : g / groups, r = kItemFast ? g / items : g % groups;
-      T* x = sh + item * item_stride + ((r / h) * radix * h + r % h) * pos_stride;
+      const int base = item * item_stride + ((r / h) * radix * h + r % h) * pos_stride;
+      const auto at = [&](int j) -> T& {
+        const int i = base + j * h * pos_stride;
+        return sh[kItemFast ? i : padded(i)];
+      };
       T v[kRadix];
 #pragma unroll
       for (int j = 0; j < kRadix; ++j)
-        if (j < radix) v[j] = x[j * h * pos_stride];
+        if (j < radix) v[j] = at(j);
       switch (radix_log) {
         case 1: wht_registers<1>(v); break;
         case 2: wht_registers<2>(v); break;
@@ -78,7 +87,7 @@ __device__ void wht_shared(T* sh, int L, int items, int item_stride, int pos_str
       }
 #pragma unroll
       for (int j = 0; j < kRadix; ++j)
-        if (j < radix) x[j * h * pos_stride] = v[j];
+        if (j < radix) at(j) = v[j];
     }
     __syncthreads();
   }
@@ -88,22 +97,22 @@ __device__ void wht_shared(T* sh, int L, int items, int item_stride, int pos_str
 template <typename T>
 __global__ void fwht_rows_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int L, int rows_per_block,
                                  T scale) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* sh = reinterpret_cast<T*>(smem);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int count = static_cast<int>(std::min<int64_t>(rows_per_block, rows - row0));
   const int64_t offset = row0 * L;
-  for (int i = threadIdx.x; i < count * L; i += blockDim.x) sh[i] = x[offset + i];
+  for (int i = threadIdx.x; i < count * L; i += blockDim.x) sh[padded(i)] = x[offset + i];
   __syncthreads();
   wht_shared<false>(sh, L, count, L, 1);
-  for (int i = threadIdx.x; i < count * L; i += blockDim.x) y[offset + i] = sh[i] * scale;
+  for (int i = threadIdx.x; i < count * L; i += blockDim.x) y[offset + i] = sh[padded(i)] * scale;
 }
 
 // In place on y viewed as (outer, L, s), s a power of two > 1: the transform along the middle axis for a tile
 // of C = min(s, kStridedColumns) adjacent columns per block, held as sh[p·C + c].
 template <typename T>
 __global__ void fwht_strided_kernel(T* __restrict__ y, int L, int64_t s, T scale) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* sh = reinterpret_cast<T*>(smem);
   const int C = static_cast<int>(std::min<int64_t>(s, kStridedColumns));
   const int64_t tiles = s / C, o = blockIdx.x / tiles, c0 = (blockIdx.x % tiles) * C;
@@ -124,7 +133,8 @@ void fwht_launch(const T* x, T* y, int64_t rows, int64_t n, cudaStream_t stream)
   const int64_t block_rows = rows * (n / block);
   const int rows_per_block = static_cast<int>(capacity / block);
   const int64_t grid = (block_rows + rows_per_block - 1) / rows_per_block;
-  fwht_rows_kernel<T><<<grid, kFwhtThreads, rows_per_block * block * sizeof(T), stream>>>(
+  const int64_t tile = rows_per_block * block;
+  fwht_rows_kernel<T><<<grid, kFwhtThreads, (tile + tile / 8) * sizeof(T), stream>>>(
       x, y, block_rows, static_cast<int>(block), rows_per_block, block == n ? scale : T(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t max_axis = capacity / kStridedColumns;

@@ -26,8 +26,8 @@ for it too): explicit (no recomputation through autograd), with the same chunked
 as well; the features are recomputed from the saved inputs rather than stored.
 
 ``panther_fx._C`` registers fused CPU kernels for both ops (csrc/cpu/attention_cpu.cpp) and, in a ``PANTHER_CUDA=1``
-build, CUDA kernels (csrc/cuda/attention_cuda.cu: batched GEMMs with fused row kernels, 16-bit GEMM operands for
-bfloat16/float16 inputs, see docs/attention.md); the Python bodies here are their reference and the fallback
+build, CUDA kernels (csrc/cuda/attention_cuda.cu: batched GEMMs with fused row kernels, bfloat16 GEMM operands for
+bfloat16 inputs, see docs/attention.md); the Python bodies here are their reference and the fallback
 elsewhere.
 """
 
