@@ -21,10 +21,12 @@ namespace {
 const char* const kName = "performer_attention";
 constexpr int64_t kCausalChunk = 128;  // attention.py's CAUSAL_CHUNK
 
-// a @ b for 2-D or batched 3-D operands of one dtype, accumulated and returned in `work` (the out_dtype
-// overloads keep 16-bit operands on tensor cores with a float32 result).
+// a @ b for 2-D or batched 3-D operands of one dtype, accumulated and returned in `work`. On CUDA the out_dtype
+// overloads keep bfloat16 operands on tensor cores with a float32 result; the CPU has no such overload, and
+// the same numbers come from widening the operands (products of bfloat16 values are exact in float32).
 at::Tensor matmul_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType work) {
   if (a.scalar_type() == work) return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+  if (!a.is_cuda()) return matmul_acc(a.to(work), b.to(work), work);
   return a.dim() == 2 ? at::mm(a, b, work) : at::bmm(a, b, work);
 }
 
@@ -34,10 +36,11 @@ struct Favor {
   int64_t B = 0, H = 0, Lq = 0, Lk = 0, d = 0, dv = 0, m = 0;
   double rs = 1.0, inv_root_m = 1.0;
   at::ScalarType work = at::kFloat, gemm = at::kFloat;
-  at::Tensor W;          // (m, d) features in the GEMM dtype, unscaled
-  at::Tensor Ws;         // (m, d) features·√scale in the GEMM dtype (= W for relu)
+  at::Tensor Ws;         // (m, d) features·√scale in the GEMM dtype (= the features for relu); bfloat16: (2m, d)
   at::Tensor qg, kg;     // q, k in the GEMM dtype
-  at::Tensor qw, kw;     // q, k in the work dtype (the same tensors when the dtypes agree)
+  // Backward only (with_work): the unscaled features in the GEMM dtype, q and k in the work dtype (the same
+  // tensors as qg, kg when the dtypes agree).
+  at::Tensor W, qw, kw;
   at::Tensor v1;         // [V, 1] (BH, Lk, dv+1) in the GEMM dtype
   at::Tensor bias_rows;  // (BH·Lk,) additive key bias per key row, or undefined
 };
@@ -45,11 +48,20 @@ struct Favor {
 // bfloat16 keeps float32's exponent range, so features and states (sums over up to L keys) cannot overflow in
 // it; float16 could (its max is 65504), so float16 inputs compute in float32 like every other dtype.
 at::ScalarType gemm_dtype(const at::Tensor& q) {
-  return q.is_cuda() && q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : attention_work_dtype(q);
+  return q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : attention_work_dtype(q);
+}
+
+// The features as GEMM operands. A bfloat16 copy of W would move the exponents W·u' by |W·u'|·2⁻⁹ (about 1 at
+// the logit sizes of peaked attention), so in bfloat16 W is stored as two rows per feature, hi = bf16(W) and
+// lo = bf16(W − hi): (2m, d), and U·hiᵀ + U·loᵀ recovers U·Wᵀ to about 2⁻¹⁷ relative (U itself is exact).
+at::Tensor split_features(const at::Tensor& Ws, at::ScalarType gemm) {
+  if (Ws.scalar_type() == gemm) return Ws;
+  const at::Tensor hi = Ws.to(gemm);
+  return at::cat({hi, (Ws - hi.to(Ws.scalar_type())).to(gemm)}, 0);
 }
 
 Favor make_favor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                 const OptTensor& mask, c10::string_view kernel_fn, std::optional<double> scale) {
+                 const OptTensor& mask, c10::string_view kernel_fn, std::optional<double> scale, bool with_work) {
   Favor f;
   f.relu = kernel_fn == "relu";
   f.B = q.size(0), f.H = q.size(1), f.Lq = q.size(2), f.Lk = k.size(2), f.d = q.size(3), f.dv = v.size(3);
@@ -59,20 +71,27 @@ Favor make_favor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   f.inv_root_m = 1.0 / std::sqrt(static_cast<double>(f.m));
   f.rs = f.relu ? 1.0 : std::sqrt(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(f.d)));
   const at::Tensor Ww = features.detach().to(f.work);
-  f.W = Ww.to(f.gemm);
-  f.Ws = f.relu ? f.W : (Ww * f.rs).to(f.gemm);
+  f.Ws = split_features(f.relu ? Ww : Ww * f.rs, f.gemm);
   const int64_t BH = f.B * f.H;
   const auto tokens = [&](const at::Tensor& t, at::ScalarType dtype) {
     return t.detach().to(dtype).reshape({BH, t.size(2), t.size(3)}).contiguous();
   };
   f.qg = tokens(q, f.gemm), f.kg = tokens(k, f.gemm);
-  f.qw = f.gemm == f.work ? f.qg : tokens(q, f.work);
-  f.kw = f.gemm == f.work ? f.kg : tokens(k, f.work);
-  const at::Tensor vg = tokens(v, f.gemm);
-  f.v1 = at::cat({vg, at::ones({BH, f.Lk, 1}, vg.options())}, 2);
+  if (with_work) {
+    f.W = Ww.to(f.gemm);
+    f.qw = f.gemm == f.work ? f.qg : tokens(q, f.work);
+    f.kw = f.gemm == f.work ? f.kg : tokens(k, f.work);
+  }
+  f.v1 = at::constant_pad_nd(tokens(v, f.gemm), {0, 1}, 1.0);  // [V, 1]
   const at::Tensor bias = key_bias(mask, f.work);
   if (bias.defined()) f.bias_rows = bias.unsqueeze(1).expand({f.B, f.H, f.Lk}).reshape({BH * f.Lk}).contiguous();
   return f;
+}
+
+// U Wsᵀ (rows, m) in the work dtype for tokens U (rows, d) in the GEMM dtype (summing the hi and lo halves).
+at::Tensor project(const Favor& f, const at::Tensor& U) {
+  const at::Tensor X = matmul_acc(U, f.Ws.t(), f.work);
+  return f.Ws.size(0) == f.m ? X : at::add(X.narrow(1, 0, f.m), X.narrow(1, f.m, f.m));
 }
 
 // ---- feature maps (generic ATen forms; the CUDA build fuses each into one pass) ------------------------------
@@ -99,18 +118,21 @@ at::Tensor query_features(const Favor& f, const at::Tensor& X) {
 at::Tensor key_features(const Favor& f, const at::Tensor& X) {
   const int64_t BH = f.B * f.H;
   if (f.relu) return relu_features(f, X, f.bias_rows).view({BH, f.Lk, f.m});
-  const at::Tensor hsq = f.kw.reshape({BH * f.Lk, f.d}).square().sum(-1).mul_(0.5 * f.rs * f.rs);
-  // All keys of a head padded: the max is −inf; any finite stabiliser leaves φ = 0 there.
-  const auto finite = [](const at::Tensor& stab) { return at::where(at::isfinite(stab), stab, at::zeros_like(stab)); };
+  const double half_rs2 = 0.5 * f.rs * f.rs;
+  const at::Tensor keys = f.kg.view({BH * f.Lk, f.d});
 #ifdef PANTHER_WITH_CUDA
   if (X.is_cuda()) {
-    const at::Tensor stab = finite(cuda_rows::key_row_max(X, hsq, f.bias_rows).view({BH, f.Lk}).amax(-1));
+    const auto [row_max, hsq] = cuda_rows::key_row_max(X, keys, half_rs2, f.bias_rows);
+    const at::Tensor stab = row_max.view({BH, f.Lk}).amax(-1);  // the kernel below reads −inf as 0
     return cuda_rows::key_softmax_features(X, hsq, f.bias_rows, stab, f.Lk, f.inv_root_m, f.gemm)
         .view({BH, f.Lk, f.m});
   }
 #endif
+  const at::Tensor hsq = keys.to(f.work).square().sum(-1).mul_(half_rs2);
   at::Tensor shift = f.bias_rows.defined() ? f.bias_rows - hsq : -hsq;  // per key row: b − |k'|²/2
-  const at::Tensor stab = finite((X.amax(-1) + shift).view({BH, f.Lk}).amax(-1));
+  at::Tensor stab = (X.amax(-1) + shift).view({BH, f.Lk}).amax(-1);
+  // All keys of a head padded: the max is −inf; any finite stabiliser leaves φ = 0 there.
+  stab = at::where(at::isfinite(stab), stab, at::zeros_like(stab));
   shift = shift.view({BH, f.Lk}).sub_(stab.unsqueeze(1)).view({BH * f.Lk, 1});
   return (X + shift).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lk, f.m});
 }
@@ -149,8 +171,8 @@ struct Forward {
 Forward forward(const Favor& f, bool causal) {
   const int64_t BH = f.B * f.H;
   Forward r;
-  r.Xq = matmul_acc(f.qg.view({BH * f.Lq, f.d}), f.Ws.t(), f.work);
-  r.Xk = matmul_acc(f.kg.view({BH * f.Lk, f.d}), f.Ws.t(), f.work);
+  r.Xq = project(f, f.qg.view({BH * f.Lq, f.d}));
+  r.Xk = project(f, f.kg.view({BH * f.Lk, f.d}));
   r.phi_q = query_features(f, r.Xq);
   r.phi_k = key_features(f, r.Xk);
   r.numden = causal ? causal_product(r.phi_q, r.phi_k, f.v1, f.work)
@@ -252,7 +274,7 @@ at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& features, const OptTensor& key_padding_mask,
                                          c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
   check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
-  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale);
+  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/false);
   if (f.Lq == 0 || f.Lk == 0 || f.B * f.H == 0)  // no admissible key: 0, as for fully padded rows
     return at::zeros({f.B, f.H, f.Lq, f.dv}, q.options());
   const Forward r = forward(f, causal);
@@ -272,7 +294,7 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
   check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
   const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
   const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();
-  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale);
+  const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/true);
   const int64_t BH = f.B * f.H;
   if (f.Lq == 0 || f.Lk == 0 || BH == 0) {
     const auto zero = [](bool need, const at::Tensor& t) { return need ? OptTensor(at::zeros_like(t)) : std::nullopt; };

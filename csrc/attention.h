@@ -29,9 +29,9 @@ at::ScalarType attention_work_dtype(const at::Tensor& q);
 at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype);
 
 // The composition over all (batch, head) pairs at once: out (B, H, Lq, dv) in q's dtype. Every GEMM
-// accumulates in the work dtype; on CUDA, bfloat16 inputs keep their dtype as GEMM operands (features and
-// states are rounded to it before the GEMMs that consume them, as flash attention rounds its probabilities),
-// every other case (float16 included: its range could overflow the states) computes in the work dtype.
+// accumulates in the work dtype; bfloat16 inputs keep their dtype as GEMM operands (features and states are
+// rounded to it before the GEMMs that consume them, as flash attention rounds its probabilities), every other
+// dtype (float16 included: its range could overflow the states) computes in the work dtype throughout.
 at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& features, const OptTensor& key_padding_mask,
                                          c10::string_view kernel_fn, bool causal, std::optional<double> scale);
@@ -44,8 +44,9 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
 
 // Row kernels of the composition, fused on CUDA (csrc/cuda/attention_cuda.cu); all rows are the last dim.
 //   query_softmax_features: φ = exp(X − rowmax X)/√m, X (n, m) in the work dtype -> φ in `out_dtype`.
-//   key_row_max:            max_j X[s, j] − hsq[s] + bias[s] -> (n,).
-//   key_softmax_features:   φ = exp(X − hsq[s] + bias[s] − stab[s / rows_per_stab])/√m -> `out_dtype`.
+//   key_row_max:            keys K (n, d) -> (max_j X[s, j] − hsq[s] + bias[s], hsq) with hsq = half_rs2·|K_s|².
+//   key_softmax_features:   φ = exp(X − hsq[s] + bias[s] − c)/√m with c = stab[s / rows_per_stab], or 0 where
+//                           that is not finite (all keys padded) -> `out_dtype`.
 //   relu_features:          φ = relu(X)·e^{bias[s]}/√m (bias undefined: e^0) -> `out_dtype`.
 //   normalise:              numden (n, dv+1) -> num / max(den, EPS) (n, dv) in `out_dtype`.
 //   numden_grads:           g (n, dv), numden (n, dv+1) -> [g, −g·out]/max(den, EPS) (n, dv+1) in `out_dtype`
@@ -54,7 +55,8 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
 //                           relu (X defined) g_phi ⊙ 1[X > 0]·e^{bias}/√m, in φ's dtype; g_bias = Σ_j g_phi φ.
 namespace cuda_rows {
 at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype);
-at::Tensor key_row_max(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, const at::Tensor& K, double half_rs2,
+                                               const at::Tensor& bias);
 at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
                                 const at::Tensor& stab, int64_t rows_per_stab, double inv_root_m,
                                 at::ScalarType out_dtype);

@@ -53,16 +53,33 @@ __global__ void query_softmax_kernel(const W* __restrict__ X, O* __restrict__ ph
   for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(exp_w(x[j] - mx) * inv_root_m);
 }
 
-template <typename W>
-__global__ void key_row_max_kernel(const W* __restrict__ X, const W* __restrict__ hsq, const W* __restrict__ bias,
-                                   W* __restrict__ out, int64_t rows, int64_t m) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// hsq[r] = half_rs2·|K_r|² and out[r] = max_j X[r, j] − hsq[r] + bias[r], for keys K (rows, d) in the GEMM dtype.
+template <typename W, typename G>
+__global__ void key_row_max_kernel(const W* __restrict__ X, const G* __restrict__ K, W half_rs2,
+                                   const W* __restrict__ bias, W* __restrict__ out, W* __restrict__ hsq, int64_t rows,
+                                   int64_t m, int64_t d) {
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
-  W mx = -INFINITY;
+  W mx = -INFINITY, sq = 0;
   for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, X[r * m + j]);
+  for (int64_t j = lane; j < d; j += 32) {
+    const W kj = static_cast<W>(K[r * d + j]);
+    sq += kj * kj;
+  }
   mx = warp_max(mx);
-  if (lane == 0) out[r] = mx + key_shift(hsq, bias, r);
+  sq = warp_sum(sq);
+  if (lane == 0) {
+    hsq[r] = half_rs2 * sq;
+    out[r] = mx + key_shift(hsq, bias, r);
+  }
 }
 
 template <typename W, typename O>
@@ -72,7 +89,8 @@ __global__ void key_softmax_kernel(const W* __restrict__ X, const W* __restrict_
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
-  const W shift = key_shift(hsq, bias, r) - stab[r / rows_per_stab];
+  const W c = stab[r / rows_per_stab];
+  const W shift = key_shift(hsq, bias, r) - (isfinite(c) ? c : W(0));
   for (int64_t j = lane; j < m; j += 32)
     phi[r * m + j] = static_cast<O>(exp_w(X[r * m + j] + shift) * inv_root_m);
 }
@@ -95,13 +113,6 @@ __global__ void normalise_kernel(const W* __restrict__ numden, O* __restrict__ o
   const W* row = numden + r * (dv + 1);
   const W den = fmax(row[dv], W(kAttentionEps));
   for (int64_t j = lane; j < dv; j += 32) out[r * dv + j] = static_cast<O>(row[j] / den);
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
 }
 
 // [g / den_c, −(g · num / den_c) / den_c] per row, the last entry 0 where den ≤ EPS.
@@ -186,17 +197,20 @@ at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::Sc
   return phi;
 }
 
-at::Tensor key_row_max(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias) {
-  const int64_t rows = X.size(0), m = X.size(1);
-  at::Tensor out = at::empty({rows}, X.options());
-  if (rows == 0) return out;
-  dispatch_work_out(X, X.scalar_type(), [&](auto w, auto) {
+std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, const at::Tensor& K, double half_rs2,
+                                               const at::Tensor& bias) {
+  const int64_t rows = X.size(0), m = X.size(1), d = K.size(1);
+  at::Tensor out = at::empty({rows}, X.options()), hsq = at::empty({rows}, X.options());
+  if (rows == 0) return {out, hsq};
+  dispatch_work_out(X, K.scalar_type(), [&](auto w, auto g) {
     using W = decltype(w);
-    key_row_max_kernel<W><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        X.const_data_ptr<W>(), hsq.const_data_ptr<W>(), opt_ptr<W>(bias), out.mutable_data_ptr<W>(), rows, m);
+    using G = decltype(g);
+    key_row_max_kernel<W, G><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X.const_data_ptr<W>(), K.const_data_ptr<G>(), static_cast<W>(half_rs2), opt_ptr<W>(bias),
+        out.mutable_data_ptr<W>(), hsq.mutable_data_ptr<W>(), rows, m, d);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {out, hsq};
 }
 
 at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
