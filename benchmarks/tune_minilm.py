@@ -40,7 +40,7 @@ def uniform(model, task, ranks, cache):
     rows = []
     for r in ranks:
         with applied(model, Policy.load({"defaults": {"method": "svd", "rank": r}}), cache) as report:
-            rows.append({"rank": r, "recall": recall(task, model), "linear_params": report.params()[1]})
+            rows.append({"rank": r, "recall": recall(task, model), "layer_params": report.params()[1]})
         print("uniform", rows[-1], flush=True)
     return rows
 
@@ -53,18 +53,18 @@ def plot(result, baselines, dense_params, min_quality, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = result.rows
-    ax.scatter([r.linear_params / dense_params for r in rows], [r.quality for r in rows], s=18, c="0.6",
+    ax.scatter([r.layer_params / dense_params for r in rows], [r.quality for r in rows], s=18, c="0.6",
                label="trials")
     front = result.pareto()
-    ax.plot([r.linear_params / dense_params for r in front], [r.quality for r in front], "-o", c="C0", ms=4,
+    ax.plot([r.layer_params / dense_params for r in front], [r.quality for r in front], "-o", c="C0", ms=4,
             label="tuned Pareto front")
-    ax.plot([b["linear_params"] / dense_params for b in baselines], [b["recall"] for b in baselines], "s--",
+    ax.plot([b["layer_params"] / dense_params for b in baselines], [b["recall"] for b in baselines], "s--",
             c="C1", label="uniform rank")
     for b in baselines:
-        ax.annotate(f"r={b['rank']}", (b["linear_params"] / dense_params, b["recall"]), textcoords="offset points",
+        ax.annotate(f"r={b['rank']}", (b["layer_params"] / dense_params, b["recall"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=8, color="C1")
     best = result.best
-    ax.scatter([best.linear_params / dense_params], [best.quality], marker="*", s=180, c="C3", zorder=5,
+    ax.scatter([best.layer_params / dense_params], [best.quality], marker="*", s=180, c="C3", zorder=5,
                label="tuned policy")
     ax.axhline(min_quality, ls=":", c="k", lw=1, label=f"min Recall@1 = {min_quality:.3f}")
     ax.set_xlabel("encoder Linear weight parameters kept (fraction of dense)")
@@ -121,10 +121,10 @@ def main() -> None:
                              max_length=args.max_length, return_tensors="pt"))
     result = tune(model, lambda m: recall(tuning, m), example_inputs=example, min_quality=min_quality,
                   n_trials=args.trials, storage=args.storage, study_name="minilm-wiki", seed=args.seed)
-    dense_params = result.dense.linear_params
+    dense_params = result.dense.layer_params
 
     feasible = [b for b in baselines if b["recall"] >= min_quality]
-    best_uniform = min(feasible, key=lambda b: b["linear_params"]) if feasible else None
+    best_uniform = min(feasible, key=lambda b: b["layer_params"]) if feasible else None
     check = {}
     with torch.no_grad():
         check["dense"] = recall(heldout, model)
@@ -141,10 +141,10 @@ def main() -> None:
     for b in baselines:
         held = f"{check['uniform']:.4f}" if best_uniform is b else ""
         mark = " (best uniform)" if best_uniform is b else ""
-        lines.append(f"| uniform svd rank {b['rank']}{mark} | {b['linear_params']:,} "
-                     f"({b['linear_params'] / dense_params:.1%}) | {b['recall']:.4f} | {held} |")
+        lines.append(f"| uniform svd rank {b['rank']}{mark} | {b['layer_params']:,} "
+                     f"({b['layer_params'] / dense_params:.1%}) | {b['recall']:.4f} | {held} |")
     t = result.best
-    lines.append(f"| tuned (trial {t.number}) | {t.linear_params:,} ({t.linear_params / dense_params:.1%}) | "
+    lines.append(f"| tuned (trial {t.number}) | {t.layer_params:,} ({t.layer_params / dense_params:.1%}) | "
                  f"{t.quality:.4f} | {check['tuned']:.4f} |")
     summary = "\n".join(lines)
     elapsed = time.perf_counter() - start
@@ -155,7 +155,7 @@ def main() -> None:
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "dense_recall": dense_recall,
               "min_quality": min_quality, "baselines": baselines, "heldout": check, "elapsed_s": elapsed,
               "trials": [{"number": r.number, "source": r.source, "recall": r.quality, "params": r.params,
-                          "linear_params": r.linear_params, "latency_ms": r.latency_ms,
+                          "layer_params": r.layer_params, "latency_ms": r.latency_ms,
                           "memory_bytes": r.memory_bytes, "choices": dict(r.choices)} for r in result.rows]}
     (args.out / "result.json").write_text(json.dumps(record, indent=1))
 

@@ -90,7 +90,7 @@ def test_space_units_choices_and_errors(mlp):
     assert [u.name for u in space.units] == ["0", "2", "4", "6"]
     assert [c.label for c in space.units[0].choices] == ["svd:8", "svd:16", "svd:32", "svd:64", "dense"]
     # "2|4" is a glob without wildcards: it matches nothing -> clear error naming the pattern
-    with pytest.raises(SpaceError, match=r"'2\|4' matches no nn.Linear"):
+    with pytest.raises(SpaceError, match=r"'2\|4' matches no nn.Linear or nn.Conv2d"):
         SearchSpace.build(mlp, {"2|4": [16]})
     group = SearchSpace.build(mlp, {"re:[26]": {"choices": [32, 64, 300], "group": True}, "**": [16]})
     assert [(u.name, u.layers) for u in group.units] == [("re:[26]", ("2", "6")), ("0", ("0",)), ("4", ("4",))]
@@ -126,6 +126,60 @@ def test_sensitivity_path_goes_from_mild_to_aggressive(mlp):
     assert list(first) == ["6"]
 
 
+def make_cnn() -> nn.Sequential:
+    """Two 3×3 convs (one grouped) with low-rank-ish kernels of different decays, then a Linear head."""
+    g = torch.Generator().manual_seed(2)
+    convs = [nn.Conv2d(16, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1, groups=2)]
+    for conv, decay in zip(convs, (0.05, 0.4)):
+        O, Cg, kh, kw = conv.weight.shape
+        with torch.no_grad():
+            w = _spectral(O, Cg * kh * kw, decay, g).float().reshape(conv.weight.shape)
+            conv.weight.copy_(w / w.norm() * O ** 0.5)
+    return nn.Sequential(convs[0], nn.Tanh(), convs[1], nn.Tanh(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+class CnnOutputError(OutputError):
+    def __init__(self, model: nn.Module):
+        self.X = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            self.ref = model(self.X)
+        self.calls = 0
+
+
+def test_space_covers_conv2d_layers_and_splits_mixed_groups():
+    cnn = make_cnn()
+    space = SearchSpace.build(cnn)
+    assert [(u.name, u.op, u.shapes) for u in space.units] == [
+        ("0", "conv2d", ((64, 144),)), ("2", "conv2d", ((64, 288),)), ("5", "linear", ((10, 4096),))]
+    mixed = SearchSpace.build(cnn, {"**": {"choices": [8, 16], "group": True}})
+    assert [(u.name, u.op, u.layers) for u in mixed.units] == [("** [conv2d]", "conv2d", ("0", "2")),
+                                                                ("** [linear]", "linear", ("5",))]
+    policy = mixed.policy({"** [conv2d]": "svd:16", "** [linear]": "svd:8"})
+    assert [(r.op, r.settings["rank"]) for r in policy.rules] == [("conv2d", 16), ("linear", 8)]
+    # a choice the conv op has no factorization for (asvd) is dropped from conv units only; rank 16 exceeds
+    # the head's min(I, O) = 10
+    asvd = SearchSpace.build(cnn, {"**": [{"method": "asvd", "rank": 8}, 16]})
+    assert [[c.label for c in u.choices] for u in asvd.units] == [
+        ["svd:16", "dense"], ["svd:16", "dense"], ["asvd:rank=8", "dense"]]
+
+
+def test_tune_compresses_conv2d_layers_and_convert_reproduces_the_trial():
+    _quiet()
+    cnn = make_cnn()
+    evaluate = CnnOutputError(cnn)
+    result = tune(cnn, evaluate, example_inputs=None, min_quality=-0.2, n_trials=10, seed=0,
+                  space={"re:[02]": "auto"})
+    assert result.best.feasible and result.best.layer_params < result.dense.layer_params
+    assert all(r.op == "conv2d" for r in result.policy.rules)
+    assert result.best.choices["2"] != "dense"  # the fast-decaying conv is compressible
+    converted, report = panther_fx.convert(cnn, result.policy, inplace=False)
+    assert any(isinstance(m, (panther_fx.nn.LowRankConv2d, panther_fx.nn.SKConv2d)) for m in converted.modules())
+    with torch.no_grad():
+        assert evaluate(converted) == pytest.approx(result.best.quality, abs=1e-6)
+    assert report.params()[1] == result.best.layer_params
+    assert all(type(m) in (nn.Conv2d, nn.Tanh, nn.Flatten, nn.Linear, nn.Sequential) for m in cnn.modules())
+
+
 # ---- search ----------------------------------------------------------------------------------------------
 def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
     _quiet()
@@ -143,7 +197,7 @@ def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
     assert result.best.feasible and result.best.quality >= min_quality
     assert all(r.feasible == (r.quality >= min_quality) for r in result.rows)
     assert any(not r.feasible for r in result.rows)  # the search went past the boundary
-    assert result.best.linear_params < best_uniform
+    assert result.best.layer_params < best_uniform
     # the policy it returns reproduces the measured quality through convert, on a copy
     converted, _ = panther_fx.convert(mlp, result.policy, inplace=False)
     with torch.no_grad():
@@ -157,7 +211,7 @@ def test_tuned_policy_file_drives_the_backend_like_the_trial(mlp, tmp_path):
     _quiet()
     evaluate = OutputError(mlp)
     result = tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=6)
-    assert result.best.linear_params < result.dense.linear_params
+    assert result.best.layer_params < result.dense.layer_params
     path = result.write(tmp_path / "tuned.toml")
     frozen = make_mlp().requires_grad_(False)
     compiled = torch.compile(frozen, backend=panther_fx.panther_backend, fullgraph=True,
@@ -175,7 +229,7 @@ def test_result_write_table_and_pareto(mlp, tmp_path):
     assert Policy.load(path) == result.policy
     assert path.read_text().startswith("# written by panther_fx.tune")
     table = result.table()
-    assert "quality" in table and "Linear kept" in table and table.count("\n") == len(result.rows) + 1
+    assert "quality" in table and "weights kept" in table and table.count("\n") == len(result.rows) + 1
     front = result.pareto()
     assert front and [r.params for r in front] == sorted(r.params for r in front)
     for r in front:  # nothing beats a front member on both axes
@@ -235,7 +289,7 @@ def test_nan_quality_is_a_failed_infeasible_trial(mlp):
     assert failed and len(failed) + len(result.rows) == 12
     proposed = [tuple(sorted(t.params.items())) for t in failed if t.user_attrs["source"] != "sampler"]
     assert proposed and len(set(proposed)) == len(proposed)  # the guided steps never retry a NaN candidate
-    assert result.best.choices["6"] == "dense" and result.best.linear_params < result.dense.linear_params
+    assert result.best.choices["6"] == "dense" and result.best.layer_params < result.dense.layer_params
 
 
 def test_latency_and_memory_objectives_measure_the_candidate(mlp):
@@ -262,7 +316,7 @@ def test_peak_memory_counts_weights_and_live_activations():
     ({"storage": "study.db"}, "Optuna RDB URL"),
     ({"objective": "latency"}, "pass example_inputs"),
     ({"min_quality": 0.5}, "unreachable: the dense model scores 0"),
-    ({"space": {"nothing.here": [8]}}, "'nothing.here' matches no nn.Linear"),
+    ({"space": {"nothing.here": [8]}}, "'nothing.here' matches no nn.Linear or nn.Conv2d"),
 ])
 def test_bad_arguments_give_clear_errors(mlp, kwargs, message):
     _quiet()

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--study-name", help="study name in --storage (default: derived from the factory)")
     p.add_argument("--inputs", help="'pkg.module:make_inputs' returning the example inputs for latency and "
                                     "memory (required for --objective latency/memory)")
-    p.add_argument("--space", help="'pkg.module:SPACE', a {pattern: choices} dict (default: every Linear)")
+    p.add_argument("--space", help="'pkg.module:SPACE', a {pattern: choices} dict (default: every Linear and Conv2d)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 

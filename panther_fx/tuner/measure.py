@@ -1,8 +1,8 @@
 """Applying a candidate policy to a working copy of the model, and measuring what it costs.
 
-Candidates are applied by an eager module swap through :func:`panther_fx.passes.plan_linear` (the matcher
-and factorization code path the backend uses), with factorizations cached across trials, and undone
-after each trial so one working copy serves the whole search.
+Candidates are applied by an eager module swap through :func:`panther_fx.passes.plan_linear` and
+:func:`~panther_fx.passes.plan_conv2d` (the matcher and factorization code paths the backend uses), with
+factorizations cached across trials, and undone after each trial so one working copy serves the whole search.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
 from ..batches import call_model
-from ..passes import FactorCache, plan_linear
+from ..nn.conv import LowRankConv2d, SKConv2d
+from ..passes import ConvPlan, FactorCache, LinearPlan, plan_conv2d, plan_linear
 from ..policy import Policy
 from ..report import Report
+from .space import layer_op
 
-__all__ = ["FactoredLinear", "applied", "Costs", "measure_costs", "latency_ms", "peak_memory_bytes"]
+__all__ = ["FactoredLinear", "applied", "Costs", "measure_costs", "latency_ms", "peak_memory_bytes", "plan_layer"]
 
 LATENCY_WARMUP = 2
 LATENCY_REPEATS = 7
@@ -47,6 +49,22 @@ class FactoredLinear(nn.Module):
         return torch.ops.panther.lowrank_linear(x, self.A, self.B, self.bias)
 
 
+_FACTORED = (FactoredLinear, LowRankConv2d, SKConv2d)
+
+
+def plan_layer(path: str, module: nn.Module, policy: Policy, cache: FactorCache) -> LinearPlan | ConvPlan:
+    """The backend's plan for a Linear or Conv2d layer under ``policy`` (decision, factors, report row)."""
+    if layer_op(module) == "conv2d":
+        return plan_conv2d(path, module.weight, policy, cache, groups=module.groups)
+    return plan_linear(path, module.weight, policy, cache)
+
+
+def _factored(module: nn.Module, plan: LinearPlan | ConvPlan) -> nn.Module:
+    if isinstance(plan, ConvPlan):
+        return (SKConv2d if plan.decision.method == "sketch" else LowRankConv2d).from_factors(module, plan.factors)
+    return FactoredLinear(plan.decision.method, plan.factors, module.bias)
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
@@ -54,22 +72,23 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 @contextlib.contextmanager
 def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Report]:
-    """Swap every ``nn.Linear`` of ``model`` the policy rewrites for a :class:`FactoredLinear`; yield the
-    per-layer report (all Linear layers); restore the original modules on exit, also on Ctrl-C."""
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` the policy rewrites for a :class:`FactoredLinear` /
+    :class:`~panther_fx.nn.LowRankConv2d` / :class:`~panther_fx.nn.SKConv2d`; yield the per-layer report (all
+    Linear and Conv2d layers); restore the original modules on exit, also on Ctrl-C."""
     report = Report()
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for path, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear):
+            if layer_op(module) is None:
                 continue
-            plan = plan_linear(path, module.weight, policy, cache)
+            plan = plan_layer(path, module, policy, cache)
             report.append(plan.report)
             if plan.factors is None:
                 continue
             if not path:
-                raise ValueError("the model itself is an nn.Linear: wrap it in a module to tune it")
+                raise ValueError(f"the model itself is an {type(module).__name__}: wrap it in a module to tune it")
             parent, name = _parent(model, path)
-            parent._modules[name] = FactoredLinear(plan.decision.method, plan.factors, module.bias)
+            parent._modules[name] = _factored(module, plan)
             swapped.append((parent, name, module))
         yield report
     finally:
@@ -163,11 +182,12 @@ def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
 
 @dataclass(frozen=True)
 class Costs:
-    """Costs of one candidate: all parameters (factors counted as parameters), Linear weight parameters,
-    median latency (ms) and peak memory (bytes); latency and memory are None without example inputs."""
+    """Costs of one candidate: all parameters (factors counted as parameters), the weight parameters of the
+    Linear and Conv2d layers (biases excluded), median latency (ms) and peak memory (bytes); latency and memory
+    are None without example inputs."""
 
     params: int
-    linear_params: int
+    layer_params: int
     latency_ms: float | None
     memory_bytes: int | None
 
@@ -175,8 +195,8 @@ class Costs:
 def measure_costs(model: nn.Module, report: Report, example_inputs: Any) -> Costs:
     """Costs of ``model`` with candidate modules in place; ``report`` is what :func:`applied` yielded."""
     params = sum(p.numel() for p in model.parameters())
-    params += sum(b.numel() for m in model.modules() if isinstance(m, FactoredLinear) for b in m.buffers())
-    linear = report.params()[1]
+    params += sum(b.numel() for m in model.modules() if isinstance(m, _FACTORED) for b in m.buffers(recurse=False))
+    layers = report.params()[1]
     if example_inputs is None:
-        return Costs(params, linear, None, None)
-    return Costs(params, linear, latency_ms(model, example_inputs), peak_memory_bytes(model, example_inputs))
+        return Costs(params, layers, None, None)
+    return Costs(params, layers, latency_ms(model, example_inputs), peak_memory_bytes(model, example_inputs))

@@ -36,9 +36,9 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..passes import FactorCache, plan_linear
+from ..passes import FactorCache
 from ..policy import Policy, factored_params
-from .measure import Costs, applied, measure_costs
+from .measure import Costs, applied, measure_costs, plan_layer
 from .space import SearchSpace, SpaceError
 
 __all__ = ["OBJECTIVES", "TrialRow", "TuneError", "TuneResult", "tune"]
@@ -60,7 +60,7 @@ class TrialRow:
     choices: Mapping[str, str]
     quality: float
     params: int
-    linear_params: int
+    layer_params: int  # weights of the Linear and Conv2d layers (biases excluded)
     latency_ms: float | None
     memory_bytes: int | None
     source: str  # "dense", "guided", "refine" or "sampler"
@@ -98,7 +98,7 @@ class TuneResult:
         header = (f"# written by panther_fx.tune: trial {b.number} of study {self.study.study_name!r}\n"
                   f"# objective = {self.objective}, min_quality = {self.min_quality:g}, quality = {b.quality:.6g}"
                   f" (dense {self.dense.quality:.6g})\n# params {b.params:,} of {self.dense.params:,}; "
-                  f"Linear weights {b.linear_params:,} of {self.dense.linear_params:,}\n")
+                  f"Linear/Conv2d weights {b.layer_params:,} of {self.dense.layer_params:,}\n")
         path.write_text(header + self.policy.to_toml())
         return path
 
@@ -112,16 +112,16 @@ class TuneResult:
         return sorted(front, key=lambda r: (r.cost(self.objective), -r.quality))
 
     def table(self, rows: list[TrialRow] | None = None, tablefmt: str = "simple") -> str:
-        """Tabulated trials (default: all): quality, params, Linear weights kept, latency, memory."""
+        """Tabulated trials (default: all): quality, params, Linear/Conv2d weights kept, latency, memory."""
         rows = self.rows if rows is None else rows
         dense = self.dense
         body = [(r.number, r.source, f"{r.quality:.4f}", "yes" if r.feasible else "no", f"{r.params:,}",
-                 f"{r.linear_params / dense.linear_params:.1%}",
+                 f"{r.layer_params / dense.layer_params:.1%}",
                  "" if r.latency_ms is None else f"{r.latency_ms:.2f}",
                  "" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:.1f}",
                  "*" if r.number == self.best.number else "")
                 for r in rows]
-        headers = ("trial", "source", "quality", "feasible", "params", "Linear kept", "latency ms", "memory MiB",
+        headers = ("trial", "source", "quality", "feasible", "params", "weights kept", "latency ms", "memory MiB",
                    "best")
         return tabulate(body, headers=headers, tablefmt=tablefmt)
 
@@ -136,10 +136,10 @@ def _unit_errors(work: nn.Module, space: SearchSpace, cache: FactorCache) -> dic
             if choice.dense:
                 per_choice[choice.label] = 0.0
                 continue
-            policy = Policy.from_dict({"rule": [{"match": "**", "op": "linear", **choice.settings}]})
+            policy = Policy.from_dict({"rule": [{"match": "**", "op": unit.op, **choice.settings}]})
             worst = 0.0
             for path in unit.layers:
-                report = plan_linear(path, work.get_submodule(path).weight, policy, cache).report
+                report = plan_layer(path, work.get_submodule(path), policy, cache).report
                 worst = max(worst, report.rel_error or 0.0)
             per_choice[choice.label] = worst
         errors[unit.name] = per_choice
@@ -148,10 +148,10 @@ def _unit_errors(work: nn.Module, space: SearchSpace, cache: FactorCache) -> dic
 
 def _unit_params(unit, label: str) -> int:
     choice = unit.choice(label)
-    policy = Policy.from_dict({"rule": [{"match": "**", "op": "linear", **choice.settings}]})
+    policy = Policy.from_dict({"rule": [{"match": "**", "op": unit.op, **choice.settings}]})
     total = 0
-    for path, (O, I) in zip(unit.layers, unit.shapes):
-        d = policy.decide(path, "linear", in_features=I, out_features=O)
+    for path, (O, I) in zip(unit.layers, unit.shapes):  # r(I + O) also for convs: an estimate for grouped ones
+        d = policy.decide(path, unit.op, in_features=I, out_features=O)
         total += factored_params(d.method, I, O, rank=d.rank, num_terms=d.num_terms,
                                  low_rank=d.low_rank) if d.rewrites else O * I
     return total
@@ -272,7 +272,8 @@ def _rows(study: optuna.Study, space: SearchSpace, min_quality: float) -> list[T
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         a = t.user_attrs
         rows.append(TrialRow(t.number, {k: v for k, v in t.params.items() if k in names}, a["quality"],
-                             a["params"], a["linear_params"], a.get("latency_ms"), a.get("memory_bytes"),
+                             a["params"], a.get("layer_params", a.get("linear_params")),  # older studies
+                             a.get("latency_ms"), a.get("memory_bytes"),
                              a.get("source", "sampler"), a["quality"] >= min_quality))
     return rows
 
@@ -295,7 +296,7 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
         trial.set_user_attr("nan", True)  # an infeasible candidate, unlike a trial failed by Ctrl-C
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
-    attrs = {"quality": quality, "params": costs.params, "linear_params": costs.linear_params,
+    attrs = {"quality": quality, "params": costs.params, "layer_params": costs.layer_params,
              "latency_ms": costs.latency_ms, "memory_bytes": costs.memory_bytes}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
@@ -308,7 +309,7 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
 def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_inputs: Any, min_quality: float,
          objective: str = "params", space: Mapping[str, Any] | None = None, n_trials: int = 50,
          storage: str | None = None, study_name: str | None = None, seed: int = 0) -> TuneResult:
-    """Search per-layer ranks / methods of ``model``'s Linear layers for the cheapest policy whose
+    """Search per-layer ranks / methods of ``model``'s Linear and Conv2d layers for the cheapest policy whose
     ``evaluate(model) >= min_quality``.
 
     Args:
@@ -319,7 +320,7 @@ def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_in
         min_quality: the constraint ``evaluate(candidate) >= min_quality``.
         objective: ``"params"`` (all parameters, factors included), ``"latency"`` (median forward ms on the
             model's device) or ``"memory"`` (weight bytes + peak activation bytes of a forward).
-        space: ``{pattern: choices}`` (see :mod:`panther_fx.tuner.space`); default: every Linear, svd ranks
+        space: ``{pattern: choices}`` (see :mod:`panther_fx.tuner.space`); default: every Linear and Conv2d, svd ranks
             that are powers of two between min(I, O)/16 and break-even, or dense.
         n_trials: trials to run in this call (a resumed study adds this many).
         storage: an Optuna RDB URL (``sqlite:///study.db``) to persist and resume the study.

@@ -1,4 +1,4 @@
-"""Search spaces of the tuner: which Linear layers are searched and the choices each one has.
+"""Search spaces of the tuner: which Linear and Conv2d layers are searched and the choices each one has.
 
 A space maps policy patterns (the ``match`` syntax of policy files) to choices; the first pattern that
 matches a layer decides it, and layers no pattern matches stay dense and are not searched::
@@ -13,7 +13,9 @@ A choice is ``"dense"``, an int (svd rank), a float in (0, 1) (svd rank as a fra
 table of policy settings such as ``{"method": "sketch", "num_terms": 1, "low_rank": 32}``. ``"auto"`` (and
 the default space, ``{"**": "auto"}``) gives every layer the svd ranks that are powers of two between
 min(I, O)/16 and break-even (r(I + O) < I·O), plus ``"dense"``. With ``group = True`` all matched layers
-share one choice (one search dimension); otherwise each layer is its own dimension.
+of one kind share one choice (one search dimension; a pattern that matches Linear and Conv2d layers makes one
+group of each); otherwise each layer is its own dimension. A Conv2d kernel (O, C/G, kh, kw) counts as the
+matrix (O, I) with I = C/G·kh·kw, as in policy files.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from torch import nn
 from ..policy import Policy, PolicyError, compile_pattern
 from ..policy.pattern import PatternError
 
-__all__ = ["Choice", "SearchSpace", "SpaceError", "Unit", "auto_ranks"]
+__all__ = ["Choice", "LAYER_OPS", "SearchSpace", "SpaceError", "Unit", "auto_ranks", "layer_op"]
+
+LAYER_OPS = ((nn.Linear, "linear"), (nn.Conv2d, "conv2d"))
+"""The module kinds the tuner searches and the policy ``op`` of each."""
+
+
+def layer_op(module: nn.Module) -> str | None:
+    """The policy ``op`` of a searchable layer ("linear", "conv2d"), None for other modules."""
+    return next((op for kind, op in LAYER_OPS if isinstance(module, kind)), None)
 
 
 class SpaceError(ValueError):
@@ -53,13 +63,15 @@ DENSE = Choice("dense", {"method": "dense"})
 
 @dataclass(frozen=True)
 class Unit:
-    """One search dimension: a layer (``name`` is its path) or a group (``name`` is the pattern)."""
+    """One search dimension: a layer (``name`` is its path) or a group of layers of one ``op`` (``name`` is the
+    pattern, followed by `` [conv2d]`` / `` [linear]`` when the pattern matched layers of both kinds)."""
 
     name: str
     pattern: str  # the policy ``match`` written for this unit
     layers: tuple[str, ...]
-    shapes: tuple[tuple[int, int], ...]  # (O, I) per layer
+    shapes: tuple[tuple[int, int], ...]  # (O, I) per layer; I = C/G·kh·kw for a conv
     choices: tuple[Choice, ...]
+    op: str = "linear"  # the policy ``op`` of the unit's layers
 
     def choice(self, label: str) -> Choice:
         for c in self.choices:
@@ -109,14 +121,14 @@ def _parse_choice(where: str, value: Any) -> Choice:
     raise SpaceError(f"{where}: choice {value!r} must be 'dense', a rank, a fraction or a settings table")
 
 
-def _layer_choice_ok(choice: Choice, path: str, shape: tuple[int, int]) -> bool:
-    """Whether ``choice`` really factorizes the layer (within min(I, O) and below break-even)."""
+def _layer_choice_ok(choice: Choice, path: str, shape: tuple[int, int], op: str) -> bool:
+    """Whether ``choice`` really factorizes the layer (a method the op has, within min(I, O), below break-even)."""
     if choice.dense:
         return True
     O, I = shape
     try:
-        decision = Policy.from_dict({"rule": [{"match": "**", "op": "linear", **choice.settings}]}).decide(
-            path, "linear", in_features=I, out_features=O)
+        decision = Policy.from_dict({"rule": [{"match": "**", "op": op, **choice.settings}]}).decide(
+            path, op, in_features=I, out_features=O)
     except PolicyError:
         return False
     return decision.rewrites
@@ -130,13 +142,15 @@ class SearchSpace:
 
     @classmethod
     def build(cls, model: nn.Module, spec: Mapping[str, Any] | None = None) -> "SearchSpace":
-        """Units for the ``nn.Linear`` layers of ``model`` under ``spec`` (default ``{"**": "auto"}``)."""
+        """Units for the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` under ``spec`` (default
+        ``{"**": "auto"}``)."""
         spec = {"**": "auto"} if spec is None else spec
         if not isinstance(spec, Mapping) or not spec:
             raise SpaceError("space must be a non-empty dict {pattern: choices}")
-        linears = [(path, tuple(m.weight.shape)) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise SpaceError(f"{type(model).__name__} has no nn.Linear layer to tune")
+        layers = [(path, (m.weight.shape[0], m.weight[0].numel()), layer_op(m)) for path, m in model.named_modules()
+                  if layer_op(m) is not None]
+        if not layers:
+            raise SpaceError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to tune")
         entries = []
         for pattern, value in spec.items():
             if not isinstance(pattern, str):
@@ -146,23 +160,23 @@ class SearchSpace:
             except PatternError as e:
                 raise SpaceError(f"space pattern {pattern!r}: {e}") from None
             entries.append((pattern, matches, value, []))
-        for path, shape in linears:
+        for layer in layers:
             for entry in entries:
-                if entry[1](path):
-                    entry[3].append((path, shape))
+                if entry[1](layer[0]):
+                    entry[3].append(layer)
                     break
         units: list[Unit] = []
-        for pattern, _, value, layers in entries:
-            if not layers:
-                raise SpaceError(f"space pattern {pattern!r} matches no nn.Linear layer (layers: "
-                                 f"{', '.join(p for p, _ in linears[:6])}{', ...' if len(linears) > 6 else ''})")
-            units += cls._units(pattern, value, layers)
+        for pattern, _, value, matched in entries:
+            if not matched:
+                raise SpaceError(f"space pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer (layers: "
+                                 f"{', '.join(p for p, _, _ in layers[:6])}{', ...' if len(layers) > 6 else ''})")
+            units += cls._units(pattern, value, matched)
         if not units:
             raise SpaceError("no layer of the space has a choice other than 'dense' (all below break-even)")
         return cls(units)
 
     @staticmethod
-    def _units(pattern: str, value: Any, layers: list[tuple[str, tuple[int, int]]]) -> list[Unit]:
+    def _units(pattern: str, value: Any, layers: list[tuple[str, tuple[int, int], str]]) -> list[Unit]:
         where = f"space[{pattern!r}]"
         group = False
         if isinstance(value, Mapping):
@@ -178,22 +192,24 @@ class SearchSpace:
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
                 raise SpaceError(f"{where}: choices must be 'auto' or a non-empty list, got {value!r}")
             parsed = list(dict.fromkeys(_parse_choice(where, v) for v in value))
+        ops = list(dict.fromkeys(op for _, _, op in layers))
         units = []
-        batches = [layers] if group else [[layer] for layer in layers]
+        batches = [[x for x in layers if x[2] == op] for op in ops] if group else [[layer] for layer in layers]
         for batch in batches:
+            op = batch[0][2]
             if auto:
-                common = set.intersection(*(set(auto_ranks(I, O)) for _, (O, I) in batch))
-                choices = [_parse_choice(where, r) for r in sorted(common)] + [DENSE]
-            else:  # drop options that leave a layer dense anyway (above break-even or min(I, O))
-                choices = [c for c in parsed if all(_layer_choice_ok(c, p, s) for p, s in batch)]
+                common = set.intersection(*(set(auto_ranks(I, O)) for _, (O, I), _ in batch))
+                parsed = [_parse_choice(where, r) for r in sorted(common)]
+            # drop options that leave a layer dense anyway (a method the op lacks, above break-even or min(I, O))
+            choices = [c for c in parsed if all(_layer_choice_ok(c, p, s, op) for p, s, _ in batch)]
             if DENSE not in choices:
                 choices.append(DENSE)
             if len(choices) < 2:
                 continue
-            paths = tuple(p for p, _ in batch)
-            name = pattern if group else paths[0]
+            paths = tuple(p for p, _, _ in batch)
+            name = (pattern if len(ops) == 1 else f"{pattern} [{op}]") if group else paths[0]
             unit_pattern = pattern if group else (paths[0] or "re:^$")
-            units.append(Unit(name, unit_pattern, paths, tuple(s for _, s in batch), tuple(choices)))
+            units.append(Unit(name, unit_pattern, paths, tuple(s for _, s, _ in batch), tuple(choices), op))
         return units
 
     # ---- assignments ---------------------------------------------------------------------------------
@@ -203,20 +219,21 @@ class SearchSpace:
     def policy(self, assignment: Mapping[str, str], source: str = "<tuned>") -> Policy:
         """The policy that applies ``assignment`` ({unit name: choice label}); every other layer stays dense.
 
-        One rule per non-dense unit, in space order; a dense unit gets an explicit ``method = "dense"``
-        rule only when a later rule's pattern would otherwise catch one of its layers."""
+        One rule per non-dense unit, in space order, with the unit's ``op``; a dense unit gets an explicit
+        ``method = "dense"`` rule only when a later rule of its op would otherwise catch one of its layers."""
         chosen = [(u, u.choice(assignment[u.name])) for u in self.units]
         rules = []
         for i, (unit, choice) in enumerate(chosen):
-            later = [compile_pattern(u.pattern) for u, c in chosen[i + 1:] if not c.dense]
+            later = [compile_pattern(u.pattern) for u, c in chosen[i + 1:] if not c.dense and u.op == unit.op]
             if choice.dense and not any(m(p) for m in later for p in unit.layers):
                 continue
-            rules.append({"match": unit.pattern, "op": "linear", **choice.settings})
+            rules.append({"match": unit.pattern, "op": unit.op, **choice.settings})
         return Policy.from_dict({"rule": rules}, source=source)
 
     def signature(self) -> str:
         """A digest of layers and choices: a resumed study must have been run over the same space."""
-        data = [(u.name, u.layers, [c.label for c in u.choices]) for u in self.units]
+        data = [(u.name, u.layers, [c.label for c in u.choices]) + ((u.op,) if u.op != "linear" else ())
+                for u in self.units]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
