@@ -13,7 +13,8 @@
 #include <cstring>
 #include <vector>
 
-#include "../linear.h"
+#include "../linalg.h"  // check_fwht, check_sparse, check_rows_in_range
+#include "../linear.h"  // count_call
 
 // The hot loops get an AVX2 clone next to the baseline (SSE2) one, chosen once at load time: the
 // extension is built without -march so that it runs on any x86-64 machine.
@@ -134,10 +135,8 @@ void fwht_rows(const T* x, T* y, int64_t rows, int64_t n) {
 }
 
 at::Tensor fwht_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1, "fwht: x must have at least one dimension");
+  check_fwht(x);
   const int64_t n = x.size(-1);
-  TORCH_CHECK(n >= 1 && (n & (n - 1)) == 0, "fwht: the last dim must be a power of two, got ", n, " (zero-pad it)");
-  TORCH_CHECK(x.is_floating_point(), "fwht: x must be a floating-point tensor, got ", x.scalar_type());
   count_call("fwht.cpu");
   const bool native = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   const at::Tensor src = (native ? x : x.to(at::kFloat)).contiguous();
@@ -153,29 +152,6 @@ at::Tensor fwht_cpu(const at::Tensor& x) {
 
 // Output columns per task: at least a few cache lines, so tasks never write the same line.
 constexpr int64_t kColumnGrain = 32;
-
-void check_sparse(const at::Tensor& A, const at::Tensor& rows, const at::Tensor& vals, const char* name) {
-  TORCH_CHECK(A.dim() == 2, name, ": the dense operand must be 2-D, got shape ", A.sizes());
-  TORCH_CHECK(rows.dim() == 2 && rows.sizes() == vals.sizes(), name, ": rows ", rows.sizes(), " and vals ",
-              vals.sizes(), " must both be (n, nnz)");
-  TORCH_CHECK(rows.scalar_type() == at::kLong, name, ": rows must be int64, got ", rows.scalar_type());
-  TORCH_CHECK(vals.scalar_type() == A.scalar_type(), name, ": vals dtype ", vals.scalar_type(), " differs from ",
-              A.scalar_type());
-  TORCH_CHECK(A.device().is_cpu() && rows.device().is_cpu() && vals.device().is_cpu(), name,
-              ": all operands must be on the CPU");
-}
-
-void check_rows_in_range(const at::Tensor& rows, int64_t size, const char* name) {
-  const int64_t* r = rows.const_data_ptr<int64_t>();
-  int64_t lo = 0, hi = 0;
-  if (rows.numel() > 0) lo = hi = r[0];
-  for (int64_t i = 1; i < rows.numel(); ++i) {
-    lo = std::min(lo, r[i]);
-    hi = std::max(hi, r[i]);
-  }
-  TORCH_CHECK(lo >= 0 && (rows.numel() == 0 || hi < size), name, ": rows must lie in [0, ", size, "), got [", lo,
-              ", ", hi, "]");
-}
 
 // out[rows[j, t], c0:c1] += vals[j, t] · A[j, c0:c1] for every j, t, A row-major: each task owns a range of
 // output columns, so the scatter needs no atomics; A streams through once, the out slice stays in cache.

@@ -172,7 +172,13 @@ void dispatch_work_out(const at::Tensor& X, at::ScalarType out, const F& f) {
   }
 }
 
-dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps)); }
+// kernel<<<one warp per row>>>(args...) on the current stream.
+template <typename... KernelArgs, typename... Args>
+void launch_rows(void (*kernel)(KernelArgs...), int64_t rows, Args... args) {
+  const dim3 grid(static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps));
+  kernel<<<grid, kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename W>
 const W* opt_ptr(const at::Tensor& t) {
@@ -190,10 +196,9 @@ at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::Sc
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    query_softmax_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(query_softmax_kernel<W, O>, rows,
         X.const_data_ptr<W>(), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return phi;
 }
 
@@ -205,11 +210,10 @@ std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, const at::Te
   dispatch_work_out(X, K.scalar_type(), [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    key_row_max_kernel<W, G><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(key_row_max_kernel<W, G>, rows,
         X.const_data_ptr<W>(), K.const_data_ptr<G>(), static_cast<W>(half_rs2), opt_ptr<W>(bias),
         out.mutable_data_ptr<W>(), hsq.mutable_data_ptr<W>(), rows, m, d);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, hsq};
 }
 
@@ -223,11 +227,10 @@ at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, cons
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    key_softmax_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(key_softmax_kernel<W, O>, rows,
         X.const_data_ptr<W>(), hsq.const_data_ptr<W>(), opt_ptr<W>(bias), stab_c.const_data_ptr<W>(), rows_per_stab,
         phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return phi;
 }
 
@@ -238,10 +241,9 @@ at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    relu_features_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(relu_features_kernel<W, O>, rows,
         X.const_data_ptr<W>(), opt_ptr<W>(bias), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return phi;
 }
 
@@ -252,10 +254,9 @@ at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    normalise_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(normalise_kernel<W, O>, rows,
         numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -266,10 +267,9 @@ at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::Scala
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    numden_grads_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(numden_grads_kernel<W, O>, rows,
         g.const_data_ptr<W>(), numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -282,11 +282,10 @@ std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const 
   dispatch_work_out(g_phi, phi.scalar_type(), [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    feature_grads_kernel<W, O><<<row_grid(rows), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_rows(feature_grads_kernel<W, O>, rows,
         g_phi.const_data_ptr<W>(), phi.const_data_ptr<O>(), opt_ptr<W>(X), opt_ptr<W>(bias),
         pre.mutable_data_ptr<O>(), g_bias.mutable_data_ptr<W>(), rows, m, static_cast<W>(inv_root_m));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {pre, g_bias};
 }
 
