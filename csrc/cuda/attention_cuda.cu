@@ -28,7 +28,7 @@ __device__ __forceinline__ T warp_max(T x) {
   return x;
 }
 
-// The row this warp owns (or -1 past the end) and its lane.
+// The row this warp owns, or -1 for the warps past the last row.
 __device__ __forceinline__ int64_t warp_row(int64_t rows) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   return r < rows ? r : -1;
