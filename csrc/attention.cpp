@@ -88,33 +88,41 @@ Favor make_favor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return f;
 }
 
-// U Wsᵀ (rows, m) in the work dtype for tokens U (rows, d) in the GEMM dtype (summing the hi and lo halves).
-at::Tensor project(const Favor& f, const at::Tensor& U) {
-  const at::Tensor X = matmul_acc(U, f.Ws.t(), f.work);
-  return f.Ws.size(0) == f.m ? X : at::add(X.narrow(1, 0, f.m), X.narrow(1, f.m, f.m));
+// The projections U Wsᵀ of tokens U (rows, d) in the GEMM dtype, in the work dtype: (rows, parts·m) with
+// parts = 2 when the features are split into hi and lo halves (the projection is then the sum of the two
+// column halves, which the CUDA row kernels add as they read them), 1 otherwise.
+at::Tensor project(const Favor& f, const at::Tensor& U) { return matmul_acc(U, f.Ws.t(), f.work); }
+
+int64_t parts(const Favor& f) { return f.Ws.size(0) / f.m; }
+
+// The (rows, m) projection from `project`'s output (the generic row kernels' input).
+at::Tensor summed(const Favor& f, const at::Tensor& X) {
+  return parts(f) == 1 ? X : at::add(X.narrow(1, 0, f.m), X.narrow(1, f.m, f.m));
 }
 
 // ---- feature maps (generic ATen forms; the CUDA build fuses each into one pass) ------------------------------
 at::Tensor relu_features(const Favor& f, const at::Tensor& X, const at::Tensor& bias_rows) {
 #ifdef PANTHER_WITH_CUDA
-  if (X.is_cuda()) return cuda_rows::relu_features(X, bias_rows, f.inv_root_m, f.gemm);
+  if (X.is_cuda()) return cuda_rows::relu_features(X, parts(f), bias_rows, f.inv_root_m, f.gemm);
 #endif
-  at::Tensor phi = at::relu(X).mul_(f.inv_root_m);
+  at::Tensor phi = at::relu(summed(f, X)).mul_(f.inv_root_m);
   if (bias_rows.defined()) phi.mul_(bias_rows.exp().unsqueeze(1));
   return phi.to(f.gemm);
 }
 
-// X = Q'Wᵀ (BH·Lq, m) -> φ(Q) (BH, Lq, m) in the GEMM dtype.
+// X = project(Q') -> φ(Q) (BH, Lq, m) in the GEMM dtype.
 at::Tensor query_features(const Favor& f, const at::Tensor& X) {
   const int64_t BH = f.B * f.H;
   if (f.relu) return relu_features(f, X, at::Tensor()).view({BH, f.Lq, f.m});
 #ifdef PANTHER_WITH_CUDA
-  if (X.is_cuda()) return cuda_rows::query_softmax_features(X, f.inv_root_m, f.gemm).view({BH, f.Lq, f.m});
+  if (X.is_cuda())
+    return cuda_rows::query_softmax_features(X, parts(f), f.inv_root_m, f.gemm).view({BH, f.Lq, f.m});
 #endif
-  return (X - X.amax(-1, true)).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lq, f.m});
+  const at::Tensor Xs = summed(f, X);
+  return (Xs - Xs.amax(-1, true)).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lq, f.m});
 }
 
-// X = K'Wᵀ (BH·Lk, m) -> φ(K) (BH, Lk, m) in the GEMM dtype, stabilised per head.
+// X = project(K') -> φ(K) (BH, Lk, m) in the GEMM dtype, stabilised per head.
 at::Tensor key_features(const Favor& f, const at::Tensor& X) {
   const int64_t BH = f.B * f.H;
   if (f.relu) return relu_features(f, X, f.bias_rows).view({BH, f.Lk, f.m});
@@ -122,19 +130,20 @@ at::Tensor key_features(const Favor& f, const at::Tensor& X) {
   const at::Tensor keys = f.kg.view({BH * f.Lk, f.d});
 #ifdef PANTHER_WITH_CUDA
   if (X.is_cuda()) {
-    const auto [row_max, hsq] = cuda_rows::key_row_max(X, keys, half_rs2, f.bias_rows);
+    const auto [row_max, hsq] = cuda_rows::key_row_max(X, parts(f), keys, half_rs2, f.bias_rows);
     const at::Tensor stab = row_max.view({BH, f.Lk}).amax(-1);  // the kernel below reads −inf as 0
-    return cuda_rows::key_softmax_features(X, hsq, f.bias_rows, stab, f.Lk, f.inv_root_m, f.gemm)
+    return cuda_rows::key_softmax_features(X, parts(f), hsq, f.bias_rows, stab, f.Lk, f.inv_root_m, f.gemm)
         .view({BH, f.Lk, f.m});
   }
 #endif
   const at::Tensor hsq = keys.to(f.work).square().sum(-1).mul_(half_rs2);
   at::Tensor shift = f.bias_rows.defined() ? f.bias_rows - hsq : -hsq;  // per key row: b − |k'|²/2
-  at::Tensor stab = (X.amax(-1) + shift).view({BH, f.Lk}).amax(-1);
+  const at::Tensor Xs = summed(f, X);
+  at::Tensor stab = (Xs.amax(-1) + shift).view({BH, f.Lk}).amax(-1);
   // All keys of a head padded: the max is −inf; any finite stabiliser leaves φ = 0 there.
   stab = at::where(at::isfinite(stab), stab, at::zeros_like(stab));
   shift = shift.view({BH, f.Lk}).sub_(stab.unsqueeze(1)).view({BH * f.Lk, 1});
-  return (X + shift).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lk, f.m});
+  return (Xs + shift).exp_().mul_(f.inv_root_m).to(f.gemm).view({BH, f.Lk, f.m});
 }
 
 // ---- products ------------------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ at::Tensor anticausal_product(const at::Tensor& a, const at::Tensor& b, const at
 }
 
 struct Forward {
-  at::Tensor Xq, Xk;      // (BH·L, m) projections in the work dtype (the relu backward needs their signs)
+  at::Tensor Xq, Xk;      // projections (`project`; the relu backward needs their signs)
   at::Tensor phi_q, phi_k;  // (BH, L, m) in the GEMM dtype
   at::Tensor numden;      // (BH, Lq, dv+1) in the work dtype
 };
@@ -185,11 +194,12 @@ Forward forward(const Favor& f, bool causal) {
 std::tuple<at::Tensor, at::Tensor> feature_grad_rows(const Favor& f, const at::Tensor& g_phi, const at::Tensor& phi,
                                                      const at::Tensor& X, const at::Tensor& bias_rows) {
 #ifdef PANTHER_WITH_CUDA
-  if (g_phi.is_cuda()) return cuda_rows::feature_grads(g_phi, phi, f.relu ? X : at::Tensor(), bias_rows, f.inv_root_m);
+  if (g_phi.is_cuda())
+    return cuda_rows::feature_grads(g_phi, phi, f.relu ? X : at::Tensor(), parts(f), bias_rows, f.inv_root_m);
 #endif
   const at::Tensor gp = g_phi * phi.to(f.work);
   if (!f.relu) return {gp.to(f.gemm), gp.sum(-1)};
-  at::Tensor factor = (X > 0).to(f.work).mul_(f.inv_root_m);
+  at::Tensor factor = (summed(f, X) > 0).to(f.work).mul_(f.inv_root_m);
   if (bias_rows.defined()) factor.mul_(bias_rows.exp().unsqueeze(1));
   return {(g_phi * factor).to(f.gemm), gp.sum(-1)};
 }

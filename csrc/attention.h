@@ -42,8 +42,10 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
                                                       c10::string_view kernel_fn, bool causal,
                                                       std::optional<double> scale, std::array<bool, 5> needs);
 
-// Row kernels of the composition, fused on CUDA (csrc/cuda/attention_cuda.cu); all rows are the last dim.
-//   query_softmax_features: φ = exp(X − rowmax X)/√m, X (n, m) in the work dtype -> φ in `out_dtype`.
+// Row kernels of the composition, fused on CUDA (csrc/cuda/attention_cuda.cu); all rows are the last dim. A
+// projection X is (n, parts·m) in the work dtype and stands for the sum of its `parts` column blocks (the hi
+// and lo halves of bfloat16 features), added as it is read.
+//   query_softmax_features: φ = exp(X − rowmax X)/√m -> φ (n, m) in `out_dtype`.
 //   key_row_max:            keys K (n, d) -> (max_j X[s, j] − hsq[s] + bias[s], hsq) with hsq = half_rs2·|K_s|².
 //   key_softmax_features:   φ = exp(X − hsq[s] + bias[s] − c)/√m with c = stab[s / rows_per_stab], or 0 where
 //                           that is not finite (all keys padded) -> `out_dtype`.
@@ -54,17 +56,18 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
 //   feature_grads:          g_phi (n, m) in the work dtype, φ (n, m) -> (pre, g_bias): pre = g_phi ⊙ φ, or for
 //                           relu (X defined) g_phi ⊙ 1[X > 0]·e^{bias}/√m, in φ's dtype; g_bias = Σ_j g_phi φ.
 namespace cuda_rows {
-at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype);
-std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, const at::Tensor& K, double half_rs2,
-                                               const at::Tensor& bias);
-at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
+at::Tensor query_softmax_features(const at::Tensor& X, int64_t parts, double inv_root_m, at::ScalarType out_dtype);
+std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, int64_t parts, const at::Tensor& K,
+                                               double half_rs2, const at::Tensor& bias);
+at::Tensor key_softmax_features(const at::Tensor& X, int64_t parts, const at::Tensor& hsq, const at::Tensor& bias,
                                 const at::Tensor& stab, int64_t rows_per_stab, double inv_root_m,
                                 at::ScalarType out_dtype);
-at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv_root_m, at::ScalarType out_dtype);
+at::Tensor relu_features(const at::Tensor& X, int64_t parts, const at::Tensor& bias, double inv_root_m,
+                         at::ScalarType out_dtype);
 at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype);
 at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::ScalarType out_dtype);
 std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const at::Tensor& phi, const at::Tensor& X,
-                                                 const at::Tensor& bias, double inv_root_m);
+                                                 int64_t parts, const at::Tensor& bias, double inv_root_m);
 }  // namespace cuda_rows
 
 }  // namespace panther

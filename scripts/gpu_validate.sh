@@ -2,7 +2,8 @@
 # One-shot GPU validation for a machine with an NVIDIA GPU, torch (CUDA build) and nvcc already installed
 # (e.g. the H100 image: torch 2.11+cu130, Python 3.12). Each step fits in one 10-minute device call:
 #
-#   bash scripts/gpu_validate.sh build-test    # build the CUDA kernels (PANTHER_CUDA=1), run the cuda tests
+#   bash scripts/gpu_validate.sh build-test    # build the CUDA kernels (PANTHER_CUDA=1), smoke run, cuda tests
+#   bash scripts/gpu_validate.sh sanitize      # the smoke run under compute-sanitizer memcheck and racecheck
 #   bash scripts/gpu_validate.sh bench-linear  # bf16 linear-op tables (issue #3 targets)
 #   bash scripts/gpu_validate.sh bench-other   # attention, conv, linalg tables (issues #4, #5, #6)
 #
@@ -23,7 +24,17 @@ build() {
 case "${1:-}" in
   build-test)
     build
+    # every native CUDA kernel once against the CPU (seconds): the first signal, before the full cuda tests
+    python scripts/cuda_smoke.py 2>&1 | tee "$out/cuda_smoke.log" || true
     python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
+    ;;
+  sanitize)
+    build
+    for tool in memcheck racecheck; do
+      compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/cuda_smoke.py > "$out/$tool.log" 2>&1 \
+        && echo "$tool: clean" || echo "$tool: FAILED (exit $?), see $tool.log"
+      tail -25 "$out/$tool.log"
+    done
     ;;
   bench-linear)
     build
@@ -38,7 +49,7 @@ case "${1:-}" in
     python benchmarks/linalg.py --device cuda 2>&1 | tee "$out/linalg.md"
     ;;
   *)
-    echo "usage: bash scripts/gpu_validate.sh build-test|bench-linear|bench-other" >&2
+    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-other" >&2
     exit 2
     ;;
 esac

@@ -34,6 +34,25 @@ __device__ __forceinline__ int64_t warp_row(int64_t rows) {
   return r < rows ? r : -1;
 }
 
+// A projection (rows, parts·m): entry (r, j) is the sum of its `parts` column blocks (bfloat16 features are
+// split into hi and lo halves, see csrc/attention.cpp).
+template <typename W>
+struct Projection {
+  const W* X;
+  int64_t m;
+  int parts;
+
+  __device__ __forceinline__ W operator()(int64_t r, int64_t j) const {
+    const W* row = X + r * m * parts;
+    return parts == 2 ? row[j] + row[m + j] : row[j];
+  }
+};
+
+template <typename W>
+Projection<W> projection(const at::Tensor& X, int64_t parts) {
+  return {X.const_data_ptr<W>(), X.size(1) / parts, static_cast<int>(parts)};
+}
+
 // The additive term of row r: −hsq[r] + bias[r] (bias may be null).
 template <typename W>
 __device__ __forceinline__ W key_shift(const W* hsq, const W* bias, int64_t r) {
@@ -41,16 +60,15 @@ __device__ __forceinline__ W key_shift(const W* hsq, const W* bias, int64_t r) {
 }
 
 template <typename W, typename O>
-__global__ void query_softmax_kernel(const W* __restrict__ X, O* __restrict__ phi, int64_t rows, int64_t m,
-                                     W inv_root_m) {
+__global__ void query_softmax_kernel(Projection<W> X, O* __restrict__ phi, int64_t rows, W inv_root_m) {
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
-  const W* x = X + r * m;
+  const int64_t m = X.m;
   W mx = -INFINITY;
-  for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, x[j]);
+  for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, X(r, j));
   mx = warp_max(mx);
-  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(exp_w(x[j] - mx) * inv_root_m);
+  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(exp_w(X(r, j) - mx) * inv_root_m);
 }
 
 template <typename T>
@@ -62,14 +80,13 @@ __device__ __forceinline__ T warp_sum(T x) {
 
 // hsq[r] = half_rs2·|K_r|² and out[r] = max_j X[r, j] − hsq[r] + bias[r], for keys K (rows, d) in the GEMM dtype.
 template <typename W, typename G>
-__global__ void key_row_max_kernel(const W* __restrict__ X, const G* __restrict__ K, W half_rs2,
-                                   const W* __restrict__ bias, W* __restrict__ out, W* __restrict__ hsq, int64_t rows,
-                                   int64_t m, int64_t d) {
+__global__ void key_row_max_kernel(Projection<W> X, const G* __restrict__ K, W half_rs2, const W* __restrict__ bias,
+                                   W* __restrict__ out, W* __restrict__ hsq, int64_t rows, int64_t d) {
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
   W mx = -INFINITY, sq = 0;
-  for (int64_t j = lane; j < m; j += 32) mx = fmax(mx, X[r * m + j]);
+  for (int64_t j = lane; j < X.m; j += 32) mx = fmax(mx, X(r, j));
   for (int64_t j = lane; j < d; j += 32) {
     const W kj = static_cast<W>(K[r * d + j]);
     sq += kj * kj;
@@ -83,26 +100,27 @@ __global__ void key_row_max_kernel(const W* __restrict__ X, const G* __restrict_
 }
 
 template <typename W, typename O>
-__global__ void key_softmax_kernel(const W* __restrict__ X, const W* __restrict__ hsq, const W* __restrict__ bias,
+__global__ void key_softmax_kernel(Projection<W> X, const W* __restrict__ hsq, const W* __restrict__ bias,
                                    const W* __restrict__ stab, int64_t rows_per_stab, O* __restrict__ phi,
-                                   int64_t rows, int64_t m, W inv_root_m) {
+                                   int64_t rows, W inv_root_m) {
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
+  const int64_t m = X.m;
   const W c = stab[r / rows_per_stab];
   const W shift = key_shift(hsq, bias, r) - (isfinite(c) ? c : W(0));
-  for (int64_t j = lane; j < m; j += 32)
-    phi[r * m + j] = static_cast<O>(exp_w(X[r * m + j] + shift) * inv_root_m);
+  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(exp_w(X(r, j) + shift) * inv_root_m);
 }
 
 template <typename W, typename O>
-__global__ void relu_features_kernel(const W* __restrict__ X, const W* __restrict__ bias, O* __restrict__ phi,
-                                     int64_t rows, int64_t m, W inv_root_m) {
+__global__ void relu_features_kernel(Projection<W> X, const W* __restrict__ bias, O* __restrict__ phi, int64_t rows,
+                                     W inv_root_m) {
   const int64_t r = warp_row(rows);
   if (r < 0) return;
   const int lane = threadIdx.x % 32;
+  const int64_t m = X.m;
   const W factor = bias ? exp_w(bias[r]) * inv_root_m : inv_root_m;
-  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(fmax(X[r * m + j], W(0)) * factor);
+  for (int64_t j = lane; j < m; j += 32) phi[r * m + j] = static_cast<O>(fmax(X(r, j), W(0)) * factor);
 }
 
 template <typename W, typename O>
@@ -134,9 +152,9 @@ __global__ void numden_grads_kernel(const W* __restrict__ g, const W* __restrict
   if (lane == 0) out[r * (dv + 1) + dv] = static_cast<O>(den > W(kAttentionEps) ? -dot / den_c : W(0));
 }
 
-// pre = g_phi ⊙ φ (softmax, X null) or g_phi ⊙ 1[X > 0]·e^{bias}/√m (relu); g_bias = Σ_j g_phi φ per row.
+// pre = g_phi ⊙ φ (softmax, X.X null) or g_phi ⊙ 1[X > 0]·e^{bias}/√m (relu); g_bias = Σ_j g_phi φ per row.
 template <typename W, typename O>
-__global__ void feature_grads_kernel(const W* __restrict__ g_phi, const O* __restrict__ phi, const W* __restrict__ X,
+__global__ void feature_grads_kernel(const W* __restrict__ g_phi, const O* __restrict__ phi, Projection<W> X,
                                      const W* __restrict__ bias, O* __restrict__ pre, W* __restrict__ g_bias,
                                      int64_t rows, int64_t m, W inv_root_m) {
   const int64_t r = warp_row(rows);
@@ -148,7 +166,7 @@ __global__ void feature_grads_kernel(const W* __restrict__ g_phi, const O* __res
     const int64_t i = r * m + j;
     const W gp = g_phi[i] * static_cast<W>(phi[i]);
     sum += gp;
-    pre[i] = static_cast<O>(X ? (X[i] > W(0) ? g_phi[i] * factor : W(0)) : gp);
+    pre[i] = static_cast<O>(X.X ? (X(r, j) > W(0) ? g_phi[i] * factor : W(0)) : gp);
   }
   sum = warp_sum(sum);
   if (lane == 0) g_bias[r] = sum;
@@ -189,60 +207,61 @@ const W* opt_ptr(const at::Tensor& t) {
 
 namespace cuda_rows {
 
-at::Tensor query_softmax_features(const at::Tensor& X, double inv_root_m, at::ScalarType out_dtype) {
-  const int64_t rows = X.size(0), m = X.size(1);
+at::Tensor query_softmax_features(const at::Tensor& X, int64_t parts, double inv_root_m, at::ScalarType out_dtype) {
+  const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
   if (rows == 0) return phi;
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(query_softmax_kernel<W, O>, rows,
-        X.const_data_ptr<W>(), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+    launch_rows(query_softmax_kernel<W, O>, rows, projection<W>(X, parts), phi.mutable_data_ptr<O>(), rows,
+                static_cast<W>(inv_root_m));
   });
   return phi;
 }
 
-std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, const at::Tensor& K, double half_rs2,
-                                               const at::Tensor& bias) {
-  const int64_t rows = X.size(0), m = X.size(1), d = K.size(1);
+std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, int64_t parts, const at::Tensor& K,
+                                               double half_rs2, const at::Tensor& bias) {
+  const int64_t rows = X.size(0), d = K.size(1);
   at::Tensor out = at::empty({rows}, X.options()), hsq = at::empty({rows}, X.options());
   if (rows == 0) return {out, hsq};
   dispatch_work_out(X, K.scalar_type(), [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    launch_rows(key_row_max_kernel<W, G>, rows,
-        X.const_data_ptr<W>(), K.const_data_ptr<G>(), static_cast<W>(half_rs2), opt_ptr<W>(bias),
-        out.mutable_data_ptr<W>(), hsq.mutable_data_ptr<W>(), rows, m, d);
+    launch_rows(key_row_max_kernel<W, G>, rows, projection<W>(X, parts), K.const_data_ptr<G>(),
+                static_cast<W>(half_rs2), opt_ptr<W>(bias), out.mutable_data_ptr<W>(), hsq.mutable_data_ptr<W>(), rows,
+                d);
   });
   return {out, hsq};
 }
 
-at::Tensor key_softmax_features(const at::Tensor& X, const at::Tensor& hsq, const at::Tensor& bias,
+at::Tensor key_softmax_features(const at::Tensor& X, int64_t parts, const at::Tensor& hsq, const at::Tensor& bias,
                                 const at::Tensor& stab, int64_t rows_per_stab, double inv_root_m,
                                 at::ScalarType out_dtype) {
-  const int64_t rows = X.size(0), m = X.size(1);
+  const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
   if (rows == 0) return phi;
   const at::Tensor stab_c = stab.contiguous();
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(key_softmax_kernel<W, O>, rows,
-        X.const_data_ptr<W>(), hsq.const_data_ptr<W>(), opt_ptr<W>(bias), stab_c.const_data_ptr<W>(), rows_per_stab,
-        phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+    launch_rows(key_softmax_kernel<W, O>, rows, projection<W>(X, parts), hsq.const_data_ptr<W>(), opt_ptr<W>(bias),
+                stab_c.const_data_ptr<W>(), rows_per_stab, phi.mutable_data_ptr<O>(), rows,
+                static_cast<W>(inv_root_m));
   });
   return phi;
 }
 
-at::Tensor relu_features(const at::Tensor& X, const at::Tensor& bias, double inv_root_m, at::ScalarType out_dtype) {
-  const int64_t rows = X.size(0), m = X.size(1);
+at::Tensor relu_features(const at::Tensor& X, int64_t parts, const at::Tensor& bias, double inv_root_m,
+                         at::ScalarType out_dtype) {
+  const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
   if (rows == 0) return phi;
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(relu_features_kernel<W, O>, rows,
-        X.const_data_ptr<W>(), opt_ptr<W>(bias), phi.mutable_data_ptr<O>(), rows, m, static_cast<W>(inv_root_m));
+    launch_rows(relu_features_kernel<W, O>, rows, projection<W>(X, parts), opt_ptr<W>(bias),
+                phi.mutable_data_ptr<O>(), rows, static_cast<W>(inv_root_m));
   });
   return phi;
 }
@@ -254,8 +273,7 @@ at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(normalise_kernel<W, O>, rows,
-        numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
+    launch_rows(normalise_kernel<W, O>, rows, numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
   });
   return out;
 }
@@ -267,14 +285,14 @@ at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::Scala
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(numden_grads_kernel<W, O>, rows,
-        g.const_data_ptr<W>(), numden.const_data_ptr<W>(), out.mutable_data_ptr<O>(), rows, dv);
+    launch_rows(numden_grads_kernel<W, O>, rows, g.const_data_ptr<W>(), numden.const_data_ptr<W>(),
+                out.mutable_data_ptr<O>(), rows, dv);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const at::Tensor& phi, const at::Tensor& X,
-                                                 const at::Tensor& bias, double inv_root_m) {
+                                                 int64_t parts, const at::Tensor& bias, double inv_root_m) {
   const int64_t rows = g_phi.size(0), m = g_phi.size(1);
   at::Tensor pre = at::empty({rows, m}, phi.options());
   at::Tensor g_bias = at::empty({rows}, g_phi.options());
@@ -282,9 +300,10 @@ std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const 
   dispatch_work_out(g_phi, phi.scalar_type(), [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
-    launch_rows(feature_grads_kernel<W, O>, rows,
-        g_phi.const_data_ptr<W>(), phi.const_data_ptr<O>(), opt_ptr<W>(X), opt_ptr<W>(bias),
-        pre.mutable_data_ptr<O>(), g_bias.mutable_data_ptr<W>(), rows, m, static_cast<W>(inv_root_m));
+    const Projection<W> signs = X.defined() ? projection<W>(X, parts) : Projection<W>{nullptr, m, 1};
+    launch_rows(feature_grads_kernel<W, O>, rows, g_phi.const_data_ptr<W>(), phi.const_data_ptr<O>(), signs,
+                opt_ptr<W>(bias), pre.mutable_data_ptr<O>(), g_bias.mutable_data_ptr<W>(), rows, m,
+                static_cast<W>(inv_root_m));
   });
   return {pre, g_bias};
 }
