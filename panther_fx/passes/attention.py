@@ -31,7 +31,7 @@ from ..linalg.features import orthogonal_features
 from ..ops.attention import CAUSAL_CHUNK, performer_multi_head_attention
 from ..policy import Decision
 from ..report import LayerReport
-from .common import RewriteContext, module_path
+from .common import RewriteContext, example_value, module_path
 
 __all__ = ["SDPA_TARGETS", "MHA_TARGETS", "attention_flop_ratio", "rewrite_attention"]
 
@@ -75,11 +75,6 @@ def performer_mha_node(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------
-def _meta(node: Any) -> Optional[torch.Tensor]:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _static(*sizes: Any) -> bool:
     return all(type(s) is int for s in sizes)
 
@@ -136,7 +131,7 @@ class _MaskProver:
     def query_independent(self, node: Any, depth: int = 0) -> bool:
         if not isinstance(node, fx.Node) or not isinstance(node.meta.get("example_value"), torch.Tensor):
             return True  # a Python or symbolic scalar broadcasts
-        value = _meta(node)
+        value = example_value(node)
         if value is not None:
             shape = (1,) * max(0, 4 - value.dim()) + tuple(value.shape)
             if value.dim() <= 4 and shape[1] == 1 and shape[2] == 1:
@@ -203,7 +198,7 @@ def _sdpa_refusal(args: dict[str, Any], q, k, v, prover: _MaskProver) -> Optiona
         return f"is_causal with {q.shape[2]} queries and {k.shape[2]} keys (top-left causal alignment)"
     mask = args["attn_mask"]
     if mask is not None and not prover.query_independent(mask):
-        shape = tuple(_meta(mask).shape) if _meta(mask) is not None else "?"
+        shape = tuple(example_value(mask).shape) if example_value(mask) is not None else "?"
         return (f"attn_mask of shape {shape} is not provably a key-padding mask (it may depend on the query); "
                 "arbitrary masks cannot be linearized")
     return None
@@ -213,7 +208,7 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
     args = _sdpa_args(node)
     path = module_path(node)
     decision = ctx.policy.decide(path, "attention")
-    q, k, v = (_meta(args[n]) for n in ("query", "key", "value"))
+    q, k, v = (example_value(args[n]) for n in ("query", "key", "value"))
     shape = (q.shape[1], q.shape[2], k.shape[2], q.shape[3]) if q is not None and k is not None and q.dim() == 4 else ()
     if not decision.rewrites:
         return _dense(ctx, decision, shape, decision.reason)
@@ -273,7 +268,7 @@ def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
     a = a.arguments
     path = module_path(node)
     decision = ctx.policy.decide(path, "attention")
-    query, key = _meta(a["query"]), _meta(a["key"])
+    query, key = example_value(a["query"]), example_value(a["key"])
     shape = ()
     if query is not None and key is not None and query.dim() == 3 and isinstance(a["num_heads"], int):
         shape = (a["num_heads"], query.shape[0], key.shape[0], query.shape[2] // a["num_heads"])

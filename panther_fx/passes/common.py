@@ -15,10 +15,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..policy import Decision, Policy
 from ..report import LayerReport, Report
 
-__all__ = ["module_path", "RewriteContext", "FactorCache", "StaleFactorGuard", "TrainingRewriteError"]
+__all__ = ["example_value", "module_path", "RewriteContext", "FactorCache", "StaleFactorGuard",
+           "TrainingRewriteError"]
 
 _ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
 _INDEX = re.compile(r"\[(\d+)\]")
+
+
+def example_value(node: Any) -> torch.Tensor | None:
+    """The (fake) tensor Dynamo recorded for ``node``, or None (not a node, or not a tensor)."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def module_path(node: fx.Node) -> str:

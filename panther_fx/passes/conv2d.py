@@ -24,7 +24,8 @@ from ..linalg.conv import (conv_sketch_factors, conv_svd_factors, conv_weight_fr
 from ..ops.conv2d import conv_padding
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, module_path
+from .common import FactorCache, RewriteContext, example_value, module_path
+from .speed import NOT_MEASURED, check_speed
 
 __all__ = ["CONV2D_TARGETS", "ConvPlan", "conv2d_factored_params", "factorize_conv2d", "plan_conv2d",
            "rewrite_conv2d"]
@@ -77,10 +78,10 @@ class ConvPlan:
     groups: int = 1
 
 
-def _dense_plan(decision: Decision, shape: tuple[int, ...], groups: int) -> ConvPlan:
+def _dense_plan(decision: Decision, shape: tuple[int, ...], groups: int, speedup: float | None = None) -> ConvPlan:
     dense = shape[0] * shape[1] * shape[2] * shape[3]
     row = LayerReport(decision.path, "conv2d", "dense", shape, "dense", reason=decision.reason,
-                      params_before=dense, params_after=dense)
+                      params_before=dense, params_after=dense, speedup=speedup)
     return ConvPlan(decision, None, row, groups=groups)
 
 
@@ -139,6 +140,24 @@ def _report_transposed(ctx: RewriteContext, node: fx.Node) -> None:
                                   params_after=size))
 
 
+def _speed_checked(plan: ConvPlan, args: list[Any], weight: torch.Tensor, bias: torch.Tensor | None,
+                   geometry: tuple[list[int], list[int], list[int], int]) -> ConvPlan:
+    """``plan`` after the policy's ``min_speedup`` check (:mod:`panther_fx.passes.speed`)."""
+    stride, padding, dilation, groups = geometry
+    f = plan.factors
+    op, first, mix = ((torch.ops.panther.sketched_conv2d, f["S1"], f["U1"]) if plan.decision.method == "sketch"
+                      else (torch.ops.panther.lowrank_conv2d, f["V"], f["U"]))
+    speedup, reason = check_speed(
+        plan.decision, example_value(args[0]),
+        lambda x: torch.conv2d(x, weight, bias, args[3], args[4], args[5], args[6]),
+        lambda x: op(x, first, mix, bias, stride, padding, dilation, groups), weight.device)
+    if reason is not None:
+        decision = replace(plan.decision, method="dense", reason=reason)
+        return _dense_plan(decision, tuple(weight.shape), groups, speedup=speedup)
+    note = None if speedup is not None else NOT_MEASURED
+    return replace(plan, report=replace(plan.report, speedup=speedup, reason=note))
+
+
 def rewrite_conv2d(ctx: RewriteContext) -> None:
     graph = ctx.gm.graph
     for node in list(graph.nodes):
@@ -162,6 +181,8 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
             continue
         stride, padding, dilation, groups = geometry
         plan = plan_conv2d(path, weight, ctx.policy, ctx.cache, groups=groups)
+        if plan.factors is not None and plan.decision.min_speedup is not None:
+            plan = _speed_checked(plan, args, weight, ctx.real_value(args[2]), geometry)
         ctx.record(plan.decision, plan.report)
         if plan.factors is None:
             continue

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ..linalg import asvd_factors, layer_generator, sketch_factors, sketch_weight, svd_factors, whitening
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, module_path
+from .common import FactorCache, RewriteContext, example_value, module_path
+from .speed import NOT_MEASURED, check_speed
 
 __all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "relative_error", "rewrite_linear"]
 
@@ -97,6 +98,12 @@ class LinearPlan:
     compute: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
 
 
+def _dense_plan(decision: Decision, O: int, I: int, speedup: float | None = None) -> LinearPlan:
+    row = LayerReport(decision.path, "linear", "dense", (O, I), "dense", reason=decision.reason, params_before=O * I,
+                      params_after=O * I, speedup=speedup)
+    return LinearPlan(decision, None, row)
+
+
 def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCache, *,
                 calibration: Any = None) -> LinearPlan:
     """Decide and factorize the (O, I) ``weight`` of the linear layer at ``path``."""
@@ -108,9 +115,7 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
                if calibration is None else "method 'asvd': the calibration has no Gram matrix for this layer")
         decision = replace(decision, method="dense", reason=why)
     if not decision.rewrites:
-        return LinearPlan(decision, None, LayerReport(path, "linear", "dense", (O, I), "dense",
-                                                      reason=decision.reason, params_before=O * I,
-                                                      params_after=O * I))
+        return _dense_plan(decision, O, I)
     key = (decision.method, decision.rank, decision.num_terms, decision.low_rank, decision.oversample,
            decision.n_iter, decision.seed, decision.damping, path, *_gram_key(gram))
     compute = partial(factorize_linear, decision=decision, gram=gram)
@@ -122,6 +127,24 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
                       params_after=after, flop_ratio=after / (O * I),
                       rel_error=relative_error(weight, factors, gram, decision.damping))
     return LinearPlan(decision, factors, row, compute)
+
+
+def _linear_op(method: str, factors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    if method == "sketch":
+        return lambda x: torch.ops.panther.sketched_linear(x, factors["S1"], factors["S2"], factors["U1"],
+                                                           factors["U2"], bias)
+    return lambda x: torch.ops.panther.lowrank_linear(x, factors["A"], factors["B"], bias)
+
+
+def _speed_checked(plan: LinearPlan, example: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> LinearPlan:
+    """``plan`` after the policy's ``min_speedup`` check (:mod:`panther_fx.passes.speed`)."""
+    speedup, reason = check_speed(plan.decision, example, lambda x: F.linear(x, weight, bias),
+                                  _linear_op(plan.decision.method, plan.factors, bias), weight.device)
+    if reason is not None:
+        return _dense_plan(replace(plan.decision, method="dense", reason=reason), *weight.shape, speedup=speedup)
+    note = None if speedup is not None else NOT_MEASURED
+    return replace(plan, report=replace(plan.report, speedup=speedup, reason=note))
 
 
 def rewrite_linear(ctx: RewriteContext) -> None:
@@ -137,6 +160,8 @@ def rewrite_linear(ctx: RewriteContext) -> None:
                                           reason="weight is computed in the graph, not a parameter"))
             continue
         plan = plan_linear(path, weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
+        if plan.factors is not None and plan.decision.min_speedup is not None:
+            plan = _speed_checked(plan, example_value(x), weight, ctx.real_value(b))
         ctx.record(plan.decision, plan.report)
         if plan.factors is None:
             continue

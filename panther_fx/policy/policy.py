@@ -51,6 +51,7 @@ _SETTINGS: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None]]] = {
     "n_iter": ((int,), lambda v: None if v >= 0 else "must be >= 0"),
     "seed": ((int,), lambda v: None),
     "damping": ((float, int), lambda v: None if v >= 0 else "must be >= 0"),
+    "min_speedup": ((float, int), lambda v: None if v > 0 else "must be > 0"),
     "force": ((bool,), lambda v: None),
     "features": ((int,), lambda v: None if v >= 1 else "must be >= 1"),
     "kernel": ((str,), lambda v: None if v in KERNELS else f"must be one of {', '.join(KERNELS)}"),
@@ -60,7 +61,7 @@ _RULE_ONLY: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None]]] = {
     "op": ((str,), lambda v: None if v in OPS else f"must be one of {', '.join(OPS)}"),
 }
 _FALLBACKS = {"min_features": 0, "num_terms": 1, "oversample": 10, "n_iter": 2, "seed": 0,
-              "damping": ASVD_DAMPING, "force": False, "features": 256, "kernel": "softmax"}
+              "damping": ASVD_DAMPING, "min_speedup": None, "force": False, "features": 256, "kernel": "softmax"}
 
 
 def _check_rank(v: int | float) -> str | None:
@@ -132,6 +133,7 @@ class Decision:
     n_iter: int = 2
     seed: int = 0
     damping: float = ASVD_DAMPING  # asvd: λ / mean(diag(XᵀX)) added to the Gram matrix
+    min_speedup: float | None = None  # backend: keep the layer dense unless measured this much faster
     features: int = 256
     kernel: str = "softmax"
 
