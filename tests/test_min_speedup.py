@@ -98,3 +98,36 @@ def test_dynamic_shapes_measure_at_the_traced_shape_and_leave_the_global_rng_alo
 def test_example_shape_uses_the_traced_size_of_dynamic_dims():
     assert speed.example_shape(torch.empty(3, 4)) == (3, 4)
     assert speed.example_shape(None) is None
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention and a bare SDPA call with a key-padding mask, each its own attention node."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, q, k, v, keep):
+        a = self.mha(x, x, x, need_weights=False)[0]
+        return a.sum() + torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep).sum()
+
+
+@pytest.mark.parametrize("min_speedup", [1e6, 1e-6])
+def test_attention_nodes_time_sdpa_against_the_performer_op(min_speedup):
+    g = torch.Generator().manual_seed(0)
+    x, q, k, v = torch.randn(2, 40, 32, generator=g), *(torch.randn(2, 2, 40, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keep[1, ..., 30:] = False
+    rule = {"match": "**", "op": "attention", "method": "performer", "features": 64, "min_speedup": min_speedup}
+    fn = torch.compile(Attention().eval(), fullgraph=True,
+                       backend=lambda gm, inputs: panther_backend(gm, inputs, options={"policy": {"rule": [rule]}}))
+    with torch.no_grad():
+        fn(x, q, k, v, keep)
+    rows = [r for r in last_report() if r.op == "attention"]
+    assert len(rows) == 2 and all(r.speedup is not None for r in rows)
+    if min_speedup > 1:
+        assert all(r.status == "dense" and r.reason.startswith("measured ") for r in rows)
+        assert {r.reason.split(" on ")[1] for r in rows} == {"q (2, 4, 40, 8) float32, k/v 40 tokens cpu",
+                                                             "q (2, 2, 40, 8) float32, k/v 40 tokens cpu"}
+    else:
+        assert all(r.status == "rewritten" for r in rows)

@@ -32,6 +32,7 @@ from ..ops.attention import CAUSAL_CHUNK, performer_multi_head_attention
 from ..policy import Decision
 from ..report import LayerReport
 from .common import RewriteContext, example_value, module_path
+from .speed import NOT_MEASURED, check_speed, describe, example_shape, random_input
 
 __all__ = ["SDPA_TARGETS", "MHA_TARGETS", "attention_flop_ratio", "rewrite_attention"]
 
@@ -157,21 +158,43 @@ class _MaskProver:
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------
-def _dense(ctx: RewriteContext, decision: Decision, shape: tuple, reason: str) -> None:
-    ctx.record(decision, LayerReport(decision.path, "attention", "dense", shape, "dense", reason=reason))
+def _dense(ctx: RewriteContext, decision: Decision, shape: tuple, reason: str, speedup: float | None = None) -> None:
+    ctx.record(decision, LayerReport(decision.path, "attention", "dense", shape, "dense", reason=reason,
+                                     speedup=speedup))
 
 
-def _features(ctx: RewriteContext, decision: Decision, head_dim: int, like: torch.Tensor) -> fx.Node:
-    W = orthogonal_features(decision.features, head_dim, generator=layer_generator(decision.seed, decision.path),
-                            device=like.device)
-    return ctx.add_constant(f"{decision.path}_features", W)
+def _feature_matrix(decision: Decision, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    return orthogonal_features(decision.features, head_dim, generator=layer_generator(decision.seed, decision.path),
+                               device=like.device)
 
 
-def _rewritten(ctx: RewriteContext, decision: Decision, shape: tuple, dv: int, causal: bool) -> None:
+def _rewritten(ctx: RewriteContext, decision: Decision, shape: tuple, dv: int, causal: bool,
+               speedup: float | None) -> None:
     ratio = attention_flop_ratio(shape, dv, decision.features, causal) if _static(*shape, dv) else None
     reason = f"kernel={decision.kernel}" + (", causal" if causal else "")
+    if decision.min_speedup is not None and speedup is None:
+        reason += f"; {NOT_MEASURED}"
     ctx.record(decision, LayerReport(decision.path, "attention", "performer", shape, "rewritten", reason=reason,
-                                     rank=decision.features, flop_ratio=ratio))
+                                     rank=decision.features, flop_ratio=ratio, speedup=speedup))
+
+
+def _speed_checked(decision: Decision, W: torch.Tensor, shapes: Optional[list[tuple[int, ...]]], dtype: torch.dtype,
+                   causal: bool, masked: bool) -> tuple[float | None, str | None]:
+    """The policy's ``min_speedup`` for an attention node (:mod:`panther_fx.passes.speed`): the attention core
+    at the traced (B, H, L, d) shapes of q, k, v, SDPA against the Performer op (projections are the same in
+    both); a key-padding mask, when the node has one, as all-zero additive masks. (None, None) when not asked
+    for or when the shapes are unknown."""
+    if decision.min_speedup is None or shapes is None or None in shapes:
+        return None, None
+    query, key, value = (random_input(s, dtype, W.device) for s in shapes)
+    B, Lk = shapes[1][0], shapes[1][2]
+    sdpa_mask = query.new_zeros(B, 1, 1, Lk) if masked else None
+    key_mask = query.new_zeros(B, Lk) if masked else None
+    return check_speed(
+        decision, lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=sdpa_mask, is_causal=causal),
+        lambda: torch.ops.panther.performer_attention(query, key, value, W, key_mask, kernel_fn=decision.kernel,
+                                                      causal=causal),
+        W.device, f"q {describe(shapes[0], dtype)}, k/v {shapes[1][2]} tokens" + (", causal" if causal else ""))
 
 
 def _sdpa_args(node: fx.Node) -> dict[str, Any]:
@@ -215,9 +238,14 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
     refusal = _sdpa_refusal(args, q, k, v, prover)
     if refusal:
         return _dense(ctx, decision, shape, refusal)
+    W = _feature_matrix(decision, q.shape[3], q)
+    shapes = [example_shape(t) for t in (q, k, v)]
+    speedup, slow = _speed_checked(decision, W, shapes, q.dtype, args["is_causal"], args["attn_mask"] is not None)
+    if slow:
+        return _dense(ctx, decision, shape, slow, speedup)
     graph = ctx.gm.graph
     with graph.inserting_before(node):
-        features = _features(ctx, decision, q.shape[3], q)
+        features = ctx.add_constant(f"{path}_features", W)
         mask = None
         if args["attn_mask"] is not None:
             mask = graph.call_function(sdpa_key_padding, (args["attn_mask"], args["query"]))
@@ -230,7 +258,7 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
                                   {"kernel_fn": decision.kernel, "causal": args["is_causal"],
                                    "scale": None if scale is None else float(scale)})
     ctx.replace_node(node, new)
-    _rewritten(ctx, decision, shape, v.shape[3], args["is_causal"])
+    _rewritten(ctx, decision, shape, v.shape[3], args["is_causal"], speedup)
 
 
 def _weights_used(node: fx.Node) -> bool:
@@ -262,6 +290,15 @@ def _mha_refusal(a: dict[str, Any], node: fx.Node, query) -> Optional[str]:
     return next((reason for failed, reason in checks if failed), None)
 
 
+def _mha_heads(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> Optional[list[tuple[int, ...]]]:
+    """The (B, H, L, d) shapes of q, k, v inside ``F.multi_head_attention_forward`` for (L, B, E) inputs."""
+    q, k = example_shape(query), example_shape(key)
+    if q is None or k is None:
+        return None
+    (Lq, B, E), Lk = q, k[0]
+    return [(B, num_heads, Lq, E // num_heads)] + [(B, num_heads, Lk, E // num_heads)] * 2
+
+
 def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
     a = _MHA_SIGNATURE.bind(*node.args, **node.kwargs)
     a.apply_defaults()
@@ -280,16 +317,21 @@ def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
     causal = a["is_causal"]
     if causal and query.shape[0] != key.shape[0]:
         return _dense(ctx, decision, shape, f"is_causal with {query.shape[0]} queries and {key.shape[0]} keys")
+    W = _feature_matrix(decision, shape[3], query)
+    speedup, slow = _speed_checked(decision, W, _mha_heads(query, key, a["num_heads"]), query.dtype, causal,
+                                   a["key_padding_mask"] is not None)
+    if slow:
+        return _dense(ctx, decision, shape, slow, speedup)
     graph = ctx.gm.graph
     with graph.inserting_before(node):
-        features = _features(ctx, decision, shape[3], query)
+        features = ctx.add_constant(f"{path}_features", W)
         new = graph.call_function(
             performer_mha_node,
             (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
              a["out_proj_weight"], a["out_proj_bias"], features, a["key_padding_mask"]),
             {"kernel": decision.kernel, "causal": causal})
     ctx.replace_node(node, new)
-    _rewritten(ctx, decision, shape, shape[3], causal)
+    _rewritten(ctx, decision, shape, shape[3], causal, speedup)
 
 
 def rewrite_attention(ctx: RewriteContext) -> None:

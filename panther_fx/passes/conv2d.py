@@ -25,7 +25,7 @@ from ..ops.conv2d import conv_padding
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
 from .common import FactorCache, RewriteContext, example_value, module_path
-from .speed import NOT_MEASURED, check_speed
+from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["CONV2D_TARGETS", "ConvPlan", "conv2d_factored_params", "factorize_conv2d", "plan_conv2d",
            "rewrite_conv2d"]
@@ -147,7 +147,7 @@ def _speed_checked(plan: ConvPlan, args: list[Any], weight: torch.Tensor, bias: 
     f = plan.factors
     op, first, mix = ((torch.ops.panther.sketched_conv2d, f["S1"], f["U1"]) if plan.decision.method == "sketch"
                       else (torch.ops.panther.lowrank_conv2d, f["V"], f["U"]))
-    speedup, reason = check_speed(
+    speedup, reason = check_speed_on(
         plan.decision, example_value(args[0]),
         lambda x: torch.conv2d(x, weight, bias, args[3], args[4], args[5], args[6]),
         lambda x: op(x, first, mix, bias, stride, padding, dilation, groups), weight.device)

@@ -15,7 +15,7 @@ from ..linalg import asvd_factors, layer_generator, sketch_factors, sketch_weigh
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
 from .common import FactorCache, RewriteContext, example_value, module_path
-from .speed import NOT_MEASURED, check_speed
+from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "relative_error", "rewrite_linear"]
 
@@ -139,8 +139,8 @@ def _linear_op(method: str, factors: dict[str, torch.Tensor], bias: torch.Tensor
 def _speed_checked(plan: LinearPlan, example: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> LinearPlan:
     """``plan`` after the policy's ``min_speedup`` check (:mod:`panther_fx.passes.speed`)."""
-    speedup, reason = check_speed(plan.decision, example, lambda x: F.linear(x, weight, bias),
-                                  _linear_op(plan.decision.method, plan.factors, bias), weight.device)
+    speedup, reason = check_speed_on(plan.decision, example, lambda x: F.linear(x, weight, bias),
+                                     _linear_op(plan.decision.method, plan.factors, bias), weight.device)
     if reason is not None:
         return _dense_plan(replace(plan.decision, method="dense", reason=reason), *weight.shape, speedup=speedup)
     note = None if speedup is not None else NOT_MEASURED

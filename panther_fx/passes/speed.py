@@ -18,8 +18,8 @@ import torch
 
 from ..policy import Decision
 
-__all__ = ["SPEED_WARMUP", "SPEED_REPEATS", "NOT_MEASURED", "check_speed", "example_shape", "median_ms",
-           "random_input"]
+__all__ = ["SPEED_WARMUP", "SPEED_REPEATS", "NOT_MEASURED", "check_speed", "check_speed_on", "example_shape",
+           "median_ms", "random_input"]
 
 NOT_MEASURED = "min_speedup not checked: the input shape is unknown"
 
@@ -74,18 +74,28 @@ def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, war
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def check_speed(decision: Decision, example: torch.Tensor | None, dense: Callable[[torch.Tensor], object],
-                op: Callable[[torch.Tensor], object], device: torch.device) -> tuple[float | None, str | None]:
+def check_speed(decision: Decision, dense: Callable[[], object], op: Callable[[], object], device: torch.device,
+                inputs: str) -> tuple[float, str | None]:
     """(measured dense / op speedup, why the layer stays dense or None) for ``decision.min_speedup``;
-    (None, None) when the example input's shape is unknown."""
-    shape = example_shape(example)
-    if shape is None:
-        return None, None
-    x = random_input(shape, example.dtype, device)
-    ms = median_ms({"dense": lambda: dense(x), "op": lambda: op(x)}, device)
+    ``inputs`` describes what was timed, for the reason."""
+    ms = median_ms({"dense": dense, "op": op}, device)
     speedup = ms["dense"] / ms["op"]
     if speedup >= decision.min_speedup:
         return speedup, None
     return speedup, (f"measured {speedup:.2f}x dense < min_speedup = {decision.min_speedup:g} ({decision.origin}): "
-                     f"op {ms['op']:.3f} ms, dense {ms['dense']:.3f} ms on input {shape} "
-                     f"{str(example.dtype).removeprefix('torch.')} {device}")
+                     f"op {ms['op']:.3f} ms, dense {ms['dense']:.3f} ms on {inputs} {device}")
+
+
+def describe(shape: Sequence[int], dtype: torch.dtype) -> str:
+    return f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
+
+
+def check_speed_on(decision: Decision, example: torch.Tensor | None, dense: Callable[[torch.Tensor], object],
+                   op: Callable[[torch.Tensor], object], device: torch.device) -> tuple[float | None, str | None]:
+    """:func:`check_speed` for a layer with one input, timed on a random tensor of ``example``'s shape;
+    (None, None) when that shape is unknown."""
+    shape = example_shape(example)
+    if shape is None:
+        return None, None
+    x = random_input(shape, example.dtype, device)
+    return check_speed(decision, lambda: dense(x), lambda: op(x), device, f"input {describe(shape, example.dtype)}")
