@@ -190,3 +190,33 @@ def test_opcheck_both_ops():
     for kernel, causal in (("softmax", True), ("relu", False)):
         torch.library.opcheck(panther.performer_attention_backward.default,
                               (g, q, k, v, W, pad, kernel, causal, None, ALL))
+
+
+@pytest.mark.parametrize("kernel,mask", list(itertools.product(["softmax", "relu"],
+                                                              [None, "bool", "float", "first-part-padded"])))
+def test_one_pair_split_across_threads_matches_reference(kernel, mask, two_threads):
+    """One (batch, head) pair and two threads: the non-causal kernels split its key blocks (partial states,
+    each with its own stabiliser, combined) and its query blocks between the threads. 600 keys = 3 blocks:
+    thread 0 takes keys [0, 512), thread 1 [512, 600); "first-part-padded" pads all of thread 0's keys, whose
+    empty state must not contribute its stabiliser. Keys grow after token 256, so the parts' maxima differ."""
+    q, k, v, W, _ = inputs(B=1, H=1, L=37, S=600)
+    pad = None
+    if mask in ("bool", "first-part-padded"):
+        pad = torch.zeros(1, 600, dtype=torch.bool)
+        pad[0, :256 if mask == "bool" else 512] = True
+    elif mask == "float":
+        pad = torch.randn(1, 600, generator=torch.Generator().manual_seed(7))
+        pad[0, 560:] = float("-inf")
+    kw = dict(kernel_fn=kernel, causal=False, scale=None)
+    before = native_calls("performer_attention.cpu"), native_calls("performer_attention_backward.cpu")
+    assert_rel(panther.performer_attention(q, k, v, W, pad, **kw), reference_forward(q, k, v, W, pad, **kw), 1e-5)
+    g = torch.randn(1, 1, 37, 12, generator=torch.Generator().manual_seed(6))
+    needs = [True, True, True, True, mask == "float"]
+    grads = panther.performer_attention_backward(g, q, k, v, W, pad, kernel, False, None, needs)
+    expected = reference_backward(g, q, k, v, W, pad, kernel, False, None, needs)
+    assert (native_calls("performer_attention.cpu"), native_calls("performer_attention_backward.cpu")) == (
+        before[0] + 1, before[1] + 1)
+    for a, b in zip(grads, expected):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert_rel(a, b, 1e-5)

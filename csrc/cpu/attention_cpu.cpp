@@ -2,7 +2,9 @@
 // registered over the Python reference bodies in panther_fx/ops/attention.py, whose math and numerics
 // (stabilisers, float32 accumulation, EPS clamp, key bias) they reproduce; see that module's docstring.
 //
-// (batch, head) pairs are split among the threads of one OpenMP team (for_each_pair). Inside a pair, keys
+// (batch, head) pairs are split among the threads of one OpenMP team (for_each_pair); with fewer pairs than
+// threads, each non-causal pair is instead split over the whole team by key and query blocks (partial key
+// states combined, see parallel_key_state), while causal pairs keep one thread each. Inside a pair, keys
 // and queries are processed in blocks of rows: the feature map of a block (one GEMM against the feature
 // matrix, then the stabilised exp or the relu in one pass over the block while it is in cache) feeds the
 // block's GEMMs at once, so no (L, m) feature tensor is ever materialised. Scratch memory per thread is
@@ -393,22 +395,30 @@ T key_state(const Attention<T>& a, const Head<T>& h, Features<T>& f, at::Tensor&
   return a.relu || !std::isfinite(c) ? T(0) : c;
 }
 
-// out (Lq, dv) = φ(Q) S / max(φ(Q) s, EPS).
+// Rows [t_begin, t_end) of out (Lq, dv) = φ(Q) S / max(φ(Q) s, EPS).
 template <typename T>
-void forward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& out) {
-  const int64_t Lq = h.q.size(0), dv = h.v.size(1);
+void query_outputs(const Attention<T>& a, const Head<T>& h, const at::Tensor& S, const T* s, const at::Tensor& out,
+                   int64_t t_begin, int64_t t_end) {
+  const int64_t dv = h.v.size(1);
   Features<T> f(kBlock, a.m, h.q.options());
-  at::Tensor S = at::empty({a.m, dv}, h.q.options());
-  std::vector<T> s(a.m), den(kBlock);
-  key_state(a, h, f, S, s.data());
-  for (int64_t t0 = 0; t0 < Lq; t0 += kBlock) {
-    const int64_t n = std::min(kBlock, Lq - t0);
+  std::vector<T> den(kBlock);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, t_end - t0);
     f.compute(a, h.q.narrow(0, t0, n), nullptr, T(0), true);
     const at::Tensor ob = out.narrow(0, t0, n);
     mm(ob, f.phi, S);
-    rows_dot(ptr<T>(f.phi), n, a.m, s.data(), den.data(), false);
+    rows_dot(ptr<T>(f.phi), n, a.m, s, den.data(), false);
     normalise(ptr<T>(ob), n, dv, den.data());
   }
+}
+
+template <typename T>
+void forward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& out) {
+  Features<T> f(kBlock, a.m, h.q.options());
+  at::Tensor S = at::empty({a.m, h.v.size(1)}, h.q.options());
+  std::vector<T> s(a.m);
+  key_state(a, h, f, S, s.data());
+  query_outputs(a, h, S, s.data(), out, 0, h.q.size(0));
 }
 
 // (n, n) contiguous view of the first n² entries of a flat buffer.
@@ -451,39 +461,54 @@ at::Tensor maybe_rows(const at::Tensor& t, int64_t t0, int64_t n) {
 
 // Non-causal backward: with the key state [S, s], a query pass gives out, [g_num, g_den], ∂φ(Q) and
 // G = φ(Q)ᵀ[g_num, g_den] = [Gv, Gs]; a key pass then gives ∂φ(K) = V Gvᵀ + 1 Gsᵀ and ∂V = φ(K) Gv.
+
+// The query pass over rows [t_begin, t_end): adds their share of G into Gv (m, dv) and Gs (m,), writes their
+// rows of gq and adds their share of gW.
 template <typename T>
-void backward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& g, const HeadGrads<T>& gr) {
-  const int64_t Lq = h.q.size(0), Lk = h.k.size(0), dv = h.v.size(1);
+void backward_queries(const Attention<T>& a, const Head<T>& h, const at::Tensor& g, const HeadGrads<T>& gr,
+                      const at::Tensor& S, const T* s, int64_t t_begin, int64_t t_end, at::Tensor& Gv, T* Gs) {
+  const int64_t dv = h.v.size(1);
   const auto options = h.q.options();
   Features<T> f(kBlock, a.m, options);
-  at::Tensor S = at::empty({a.m, dv}, options), Gv = at::zeros({a.m, dv}, options);
   at::Tensor OUT = at::empty({kBlock, dv}, options), GN = at::empty({kBlock, dv}, options);
   at::Tensor GPhi = at::empty({kBlock, a.m}, options);
-  std::vector<T> s(a.m), Gs(a.m, T(0)), den(kBlock), gden(kBlock);
-  const T stab = key_state(a, h, f, S, s.data());
+  std::vector<T> den(kBlock), gden(kBlock);
   const bool query_grads = gr.gq.defined() || gr.gW.defined();
-  for (int64_t t0 = 0; t0 < Lq; t0 += kBlock) {
-    const int64_t n = std::min(kBlock, Lq - t0);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, t_end - t0);
     const at::Tensor qb = h.q.narrow(0, t0, n), gb = g.narrow(0, t0, n);
     const at::Tensor ob = OUT.narrow(0, 0, n), gn = GN.narrow(0, 0, n);
     f.compute(a, qb, nullptr, T(0), true);
     mm(ob, f.phi, S);
-    rows_dot(ptr<T>(f.phi), n, a.m, s.data(), den.data(), false);
+    rows_dot(ptr<T>(f.phi), n, a.m, s, den.data(), false);
     normalise(ptr<T>(ob), n, dv, den.data());
     numden_grads(ptr<T>(gb), gb.stride(0), ptr<T>(ob), den.data(), n, dv, ptr<T>(gn), gden.data());
     Gv.addmm_(f.phi.t(), gn);
-    add_colsums(ptr<T>(f.phi), n, a.m, static_cast<const T*>(gden.data()), Gs.data());
+    add_colsums(ptr<T>(f.phi), n, a.m, static_cast<const T*>(gden.data()), Gs);
     if (query_grads) {
       const at::Tensor gp = GPhi.narrow(0, 0, n);
       mm(gp, gn, S.t());
-      add_outer(ptr<T>(gp), n, a.m, static_cast<const T*>(gden.data()), static_cast<const T*>(s.data()));
+      add_outer(ptr<T>(gp), n, a.m, static_cast<const T*>(gden.data()), s);
       f.backward(a, qb, nullptr, gp, maybe_rows(gr.gq, t0, n), gr.gW);
     }
   }
+}
+
+template <typename T>
+bool needs_key_pass(const HeadGrads<T>& gr) {
+  return gr.gk.defined() || gr.gW.defined() || gr.gbias || gr.gv.defined();
+}
+
+// The key pass over rows [t_begin, t_end) with the whole G = [Gv, Gs]: their rows of gk, gv, gbias and their
+// share of gW; stab is the key stabiliser the key state was built with.
+template <typename T>
+void backward_keys(const Attention<T>& a, const Head<T>& h, const HeadGrads<T>& gr, T stab, const at::Tensor& Gv,
+                   const T* Gs, int64_t t_begin, int64_t t_end) {
+  Features<T> f(kBlock, a.m, h.q.options());
+  at::Tensor GPhi = at::empty({kBlock, a.m}, h.q.options());
   const bool key_grads = gr.gk.defined() || gr.gW.defined() || gr.gbias;
-  if (!key_grads && !gr.gv.defined()) return;
-  for (int64_t t0 = 0; t0 < Lk; t0 += kBlock) {
-    const int64_t n = std::min(kBlock, Lk - t0);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, t_end - t0);
     const at::Tensor kb = h.k.narrow(0, t0, n), vb = h.v.narrow(0, t0, n);
     const T* bias = h.bias ? h.bias + t0 : nullptr;
     f.compute(a, kb, bias, stab, false);
@@ -491,11 +516,22 @@ void backward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& g,
     if (key_grads) {
       const at::Tensor gp = GPhi.narrow(0, 0, n);
       mm(gp, vb, Gv.t());
-      add_outer(ptr<T>(gp), n, a.m, static_cast<const T*>(nullptr), static_cast<const T*>(Gs.data()));
+      add_outer(ptr<T>(gp), n, a.m, static_cast<const T*>(nullptr), Gs);
       f.backward(a, kb, bias, gp, maybe_rows(gr.gk, t0, n), gr.gW);
       if (gr.gbias) std::copy(f.gbias.begin(), f.gbias.begin() + n, gr.gbias + t0);
     }
   }
+}
+
+template <typename T>
+void backward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& g, const HeadGrads<T>& gr) {
+  const auto options = h.q.options();
+  Features<T> f(kBlock, a.m, options);
+  at::Tensor S = at::empty({a.m, h.v.size(1)}, options), Gv = at::zeros({a.m, h.v.size(1)}, options);
+  std::vector<T> s(a.m), Gs(a.m, T(0));
+  const T stab = key_state(a, h, f, S, s.data());
+  backward_queries(a, h, g, gr, S, s.data(), 0, h.q.size(0), Gv, Gs.data());
+  if (needs_key_pass(gr)) backward_keys(a, h, gr, stab, Gv, Gs.data(), 0, h.k.size(0));
 }
 
 // Causal backward. A forward sweep over chunks (prefix state S, s) recomputes out, stores [g_num, g_den] for
@@ -628,11 +664,101 @@ void for_each_pair(int64_t pairs, const F& f) {
   f(0, pairs, 0);
 }
 
+// ---- one pair on the whole team (non-causal; used when there are fewer pairs than threads) -----------------
+// The blocks [0, ceil(L / kBlock)) split among the team as rows [t_begin, t_end).
+template <typename F>
+void for_each_row_range(int64_t L, const F& f) {
+  for_each_pair((L + kBlock - 1) / kBlock, [&](int64_t b0, int64_t b1, int64_t slot) {
+    f(b0 * kBlock, std::min(L, b1 * kBlock), slot);
+  });
+}
+
+// key_state over all keys from partial states built in parallel over contiguous key ranges: each part is
+// stabilised by its own maximum c_t; the total is Σ_t e^(c_t − c)[S_t, s_t] with c = max c_t over the parts
+// that have an admissible key (a part whose keys are all padded has s_t = 0 and no maximum). Parts are summed
+// in slot order (deterministic for a fixed thread count). Returns c (0 when no key is admissible or relu).
+template <typename T>
+T parallel_key_state(const Attention<T>& a, const Head<T>& h, at::Tensor& S, T* s) {
+  const int threads = at::get_num_threads();
+  std::vector<at::Tensor> S_parts(threads);
+  std::vector<std::vector<T>> s_parts(threads);
+  std::vector<T> c_parts(threads, T(0));
+  for_each_row_range(h.k.size(0), [&](int64_t t0, int64_t t1, int64_t slot) {
+    Features<T> f(kBlock, a.m, h.q.options());
+    const Head<T> part{h.q, h.k.narrow(0, t0, t1 - t0), h.v.narrow(0, t0, t1 - t0), h.bias ? h.bias + t0 : nullptr};
+    S_parts[slot] = at::empty({a.m, h.v.size(1)}, h.q.options());
+    s_parts[slot].assign(a.m, T(0));
+    c_parts[slot] = key_state(a, part, f, S_parts[slot], s_parts[slot].data());
+  });
+  const auto admissible = [&](int slot) {
+    return S_parts[slot].defined() && std::any_of(s_parts[slot].begin(), s_parts[slot].end(), [](T x) { return x > 0; });
+  };
+  T c = -std::numeric_limits<T>::infinity();
+  for (int slot = 0; slot < threads; ++slot) {
+    if (admissible(slot)) c = std::max(c, c_parts[slot]);
+  }
+  if (!std::isfinite(c)) c = T(0);
+  S.zero_();
+  std::fill(s, s + a.m, T(0));
+  for (int slot = 0; slot < threads; ++slot) {
+    if (!admissible(slot)) continue;
+    const T rescale = std::exp(c_parts[slot] - c);
+    S.add_(S_parts[slot], rescale);
+    for (int64_t j = 0; j < a.m; ++j) s[j] += rescale * s_parts[slot][j];
+  }
+  return c;
+}
+
+template <typename T>
+void forward_head_parallel(const Attention<T>& a, const Head<T>& h, const at::Tensor& out) {
+  at::Tensor S = at::empty({a.m, h.v.size(1)}, h.q.options());
+  std::vector<T> s(a.m);
+  parallel_key_state(a, h, S, s.data());
+  for_each_row_range(h.q.size(0), [&](int64_t t0, int64_t t1, int64_t /*slot*/) {
+    query_outputs(a, h, S, s.data(), out, t0, t1);
+  });
+}
+
+// gW_of(slot): the gW accumulator of a team slot (undefined when not needed).
+template <typename T, typename GW>
+void backward_head_parallel(const Attention<T>& a, const Head<T>& h, const at::Tensor& g, const HeadGrads<T>& gr,
+                            const GW& gW_of) {
+  const auto options = h.q.options();
+  const int threads = at::get_num_threads();
+  const int64_t dv = h.v.size(1);
+  at::Tensor S = at::empty({a.m, dv}, options);
+  std::vector<T> s(a.m);
+  const T stab = parallel_key_state(a, h, S, s.data());
+  std::vector<at::Tensor> Gv_parts(threads);
+  std::vector<std::vector<T>> Gs_parts(threads);
+  const auto slot_grads = [&](int64_t slot) { return HeadGrads<T>{gr.gq, gr.gk, gr.gv, gW_of(slot), gr.gbias}; };
+  for_each_row_range(h.q.size(0), [&](int64_t t0, int64_t t1, int64_t slot) {
+    Gv_parts[slot] = at::zeros({a.m, dv}, options);
+    Gs_parts[slot].assign(a.m, T(0));
+    backward_queries(a, h, g, slot_grads(slot), S, s.data(), t0, t1, Gv_parts[slot], Gs_parts[slot].data());
+  });
+  if (!needs_key_pass(gr)) return;
+  at::Tensor Gv = at::zeros({a.m, dv}, options);
+  std::vector<T> Gs(a.m, T(0));
+  for (int slot = 0; slot < threads; ++slot) {
+    if (!Gv_parts[slot].defined()) continue;
+    Gv.add_(Gv_parts[slot]);
+    for (int64_t j = 0; j < a.m; ++j) Gs[j] += Gs_parts[slot][j];
+  }
+  for_each_row_range(h.k.size(0), [&](int64_t t0, int64_t t1, int64_t slot) {
+    backward_keys(a, h, slot_grads(slot), stab, Gv, Gs.data(), t0, t1);
+  });
+}
+
 template <typename T>
 Head<T> head_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, int64_t b,
                 int64_t h) {
   return {q[b][h], k[b][h], v[b][h], bias.defined() ? bias.data_ptr<T>() + b * k.size(2) : nullptr};
 }
+
+// Fewer (batch, head) pairs than threads: non-causal pairs are then processed one at a time by the whole team
+// (key and query blocks split among it); causal ones stay one pair per thread (their chunks are sequential).
+bool split_pairs(int64_t pairs, bool causal) { return !causal && pairs < at::get_num_threads(); }
 
 at::Tensor performer_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& features, const OptTensor& key_padding_mask,
@@ -646,6 +772,11 @@ at::Tensor performer_attention_cpu(const at::Tensor& q, const at::Tensor& k, con
   at::Tensor out = at::empty({B, H, q.size(2), v.size(3)}, qw.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "performer_attention_cpu", [&] {
     const auto a = make_attention<scalar_t>(unit_rows(features, dtype), kernel_fn, q.size(3), scale);
+    if (split_pairs(B * H, causal)) {
+      for (int64_t i = 0; i < B * H; ++i)
+        forward_head_parallel(a, head_of<scalar_t>(qw, kw, vw, bias, i / H, i % H), out[i / H][i % H]);
+      return;
+    }
     for_each_pair(B * H, [&](int64_t begin, int64_t end, int64_t /*slot*/) {
       for (int64_t i = begin; i < end; ++i) {
         const auto head = head_of<scalar_t>(qw, kw, vw, bias, i / H, i % H);
@@ -677,20 +808,32 @@ AttentionGrads performer_attention_backward_cpu(const at::Tensor& g_out, const a
   std::vector<at::Tensor> gW_parts(at::get_num_threads());  // one accumulator per thread, summed in order
   AT_DISPATCH_FLOATING_TYPES(dtype, "performer_attention_backward_cpu", [&] {
     const auto a = make_attention<scalar_t>(unit_rows(features, dtype), kernel_fn, d, scale);
-    for_each_pair(B * H, [&](int64_t begin, int64_t end, int64_t slot) {
-      at::Tensor gW;
-      if (need_W) {
-        at::Tensor& part = gW_parts[slot];
-        if (!part.defined()) part = at::zeros({m, d}, options);
-        gW = part;
+    // The gW accumulator of a team slot, created on first use (each slot touches only its own).
+    const auto gW_of = [&](int64_t slot) {
+      if (!need_W) return at::Tensor();
+      at::Tensor& part = gW_parts[slot];
+      if (!part.defined()) part = at::zeros({m, d}, options);
+      return part;
+    };
+    const auto grads_of = [&](int64_t i, const at::Tensor& gW) {
+      const int64_t b = i / H, h = i % H;
+      return HeadGrads<scalar_t>{need_q ? gq[b][h] : at::Tensor(), need_k ? gk[b][h] : at::Tensor(),
+                                 need_v ? gv[b][h] : at::Tensor(), gW,
+                                 need_mask ? gbias.data_ptr<scalar_t>() + i * Lk : nullptr};
+    };
+    if (split_pairs(B * H, causal)) {
+      for (int64_t i = 0; i < B * H; ++i) {
+        const auto head = head_of<scalar_t>(qw, kw, vw, bias, i / H, i % H);
+        backward_head_parallel(a, head, g[i / H][i % H], grads_of(i, at::Tensor()), gW_of);
       }
+      return;
+    }
+    for_each_pair(B * H, [&](int64_t begin, int64_t end, int64_t slot) {
+      const at::Tensor gW = gW_of(slot);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / H, h = i % H;
-        const auto head = head_of<scalar_t>(qw, kw, vw, bias, b, h);
-        const HeadGrads<scalar_t> gr{need_q ? gq[b][h] : at::Tensor(), need_k ? gk[b][h] : at::Tensor(),
-                                     need_v ? gv[b][h] : at::Tensor(), gW,
-                                     need_mask ? gbias.data_ptr<scalar_t>() + i * Lk : nullptr};
-        causal ? causal_backward_head(a, head, g[b][h], gr) : backward_head(a, head, g[b][h], gr);
+        const auto head = head_of<scalar_t>(qw, kw, vw, bias, i / H, i % H);
+        const HeadGrads<scalar_t> gr = grads_of(i, gW);
+        causal ? causal_backward_head(a, head, g[i / H][i % H], gr) : backward_head(a, head, g[i / H][i % H], gr);
       }
     });
   });
