@@ -31,8 +31,6 @@ import argparse
 import datetime
 import math
 import platform
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +40,7 @@ from tabulate import tabulate
 import panther_fx  # noqa: F401  (registers torch.ops.panther.*)
 from panther_fx.linalg.features import orthogonal_features
 from panther_fx.ops import attention as attention_ops
+from panther_fx.passes.speed import median_ms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("sdpa", "panther", "reference", "plain")
@@ -91,33 +90,6 @@ class ReferencePerformer(torch.autograd.Function):
         grads = attention_ops.performer_attention_backward._init_fn(g, q, k, v, W, None, ctx.kernel, ctx.causal,
                                                                     None, needs)
         return (*grads[:4], None, None)
-
-
-def _sample(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call of fn."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
-                      warmup: int) -> dict[str, float]:
-    """Median milliseconds of each fn, calling them in turn (one call of each per repeat)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(_sample(fn, device))
-    return {name: statistics.median(x) for name, x in samples.items()}
 
 
 def _peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -183,7 +155,7 @@ def _one(args, device, q, k, v, W, L, d, m, kernel, causal, mode) -> tuple:
             continue
         steps[name] = _step(methods[name], q, k, v, backward)
     with torch.enable_grad() if backward else torch.no_grad():
-        times = _time_interleaved(steps, device, args.reps, args.warmup)
+        times = median_ms(steps, device, warmup=args.warmup, repeats=args.reps)
         for name, step in steps.items():
             mems[name] = _peak_mib(step, device)
     q.grad = k.grad = v.grad = None

@@ -60,10 +60,10 @@ def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
-@torch.no_grad()
 def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = SPEED_WARMUP,
               repeats: int = SPEED_REPEATS) -> dict[str, float]:
-    """Median milliseconds of each function, run interleaved after ``warmup`` rounds."""
+    """Median milliseconds of each function, run interleaved (one call of each per round) after ``warmup``
+    rounds; CUDA events on CUDA. Also the timer of benchmarks/attention.py."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -78,7 +78,8 @@ def check_speed(decision: Decision, dense: Callable[[], object], op: Callable[[]
                 inputs: str) -> tuple[float, str | None]:
     """(measured dense / op speedup, why the layer stays dense or None) for ``decision.min_speedup``;
     ``inputs`` describes what was timed, for the reason."""
-    ms = median_ms({"dense": dense, "op": op}, device)
+    with torch.no_grad():
+        ms = median_ms({"dense": dense, "op": op}, device)
     speedup = ms["dense"] / ms["op"]
     if speedup >= decision.min_speedup:
         return speedup, None
