@@ -172,18 +172,23 @@ at::Tensor anticausal_product(const at::Tensor& a, const at::Tensor& b, const at
 }
 
 struct Forward {
-  at::Tensor Xq, Xk;      // projections (`project`; the relu backward needs their signs)
+  at::Tensor Xq, Xk;      // projections (`project`), kept only for the relu backward, which needs their signs
   at::Tensor phi_q, phi_k;  // (BH, L, m) in the GEMM dtype
   at::Tensor numden;      // (BH, Lq, dv+1) in the work dtype
 };
 
-Forward forward(const Favor& f, bool causal) {
+// keep_projections: keep Xq, Xk (float32, twice the size of the features in bfloat16) past the feature maps.
+Forward forward(const Favor& f, bool causal, bool keep_projections) {
   const int64_t BH = f.B * f.H;
   Forward r;
-  r.Xq = project(f, f.qg.view({BH * f.Lq, f.d}));
-  r.Xk = project(f, f.kg.view({BH * f.Lk, f.d}));
-  r.phi_q = query_features(f, r.Xq);
-  r.phi_k = key_features(f, r.Xk);
+  at::Tensor Xq = project(f, f.qg.view({BH * f.Lq, f.d}));
+  r.phi_q = query_features(f, Xq);
+  if (keep_projections) r.Xq = Xq;
+  Xq.reset();
+  at::Tensor Xk = project(f, f.kg.view({BH * f.Lk, f.d}));
+  r.phi_k = key_features(f, Xk);
+  if (keep_projections) r.Xk = Xk;
+  Xk.reset();
   r.numden = causal ? causal_product(r.phi_q, r.phi_k, f.v1, f.work)
                     : matmul_acc(r.phi_q, matmul_acc(r.phi_k.transpose(1, 2), f.v1, f.work).to(f.gemm), f.work);
   return r;
@@ -287,7 +292,7 @@ at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& 
   const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/false);
   if (f.Lq == 0 || f.Lk == 0 || f.B * f.H == 0)  // no admissible key: 0, as for fully padded rows
     return at::zeros({f.B, f.H, f.Lq, f.dv}, q.options());
-  const Forward r = forward(f, causal);
+  const Forward r = forward(f, causal, /*keep_projections=*/false);
 #ifdef PANTHER_WITH_CUDA
   if (q.is_cuda())
     return cuda_rows::normalise(r.numden.view({-1, f.dv + 1}), q.scalar_type()).view({f.B, f.H, f.Lq, f.dv});
@@ -311,7 +316,7 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
     return {zero(need_q, q), zero(need_k, k), zero(need_v, v), zero(need_W, features),
             zero(need_mask, need_mask ? *key_padding_mask : q)};
   }
-  const Forward r = forward(f, causal);
+  const Forward r = forward(f, causal, /*keep_projections=*/f.relu);
   const at::Tensor g = g_out.detach().to(f.work).reshape({BH * f.Lq, f.dv}).contiguous();
   const at::Tensor g_numden = numden_grads(f, g, r.numden.view({BH * f.Lq, f.dv + 1})).view({BH, f.Lq, f.dv + 1});
   at::Tensor g_phi_q, g_phi_k, g_v1;
