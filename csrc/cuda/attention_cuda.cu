@@ -190,9 +190,10 @@ void dispatch_work_out(const at::Tensor& X, at::ScalarType out, const F& f) {
   }
 }
 
-// kernel<<<one warp per row>>>(args...) on the current stream.
+// kernel<<<one warp per row>>>(args...) on the current stream; nothing for 0 rows (a grid cannot be empty).
 template <typename... KernelArgs, typename... Args>
 void launch_rows(void (*kernel)(KernelArgs...), int64_t rows, Args... args) {
+  if (rows == 0) return;
   const dim3 grid(static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps));
   kernel<<<grid, kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -210,7 +211,6 @@ namespace cuda_rows {
 at::Tensor query_softmax_features(const at::Tensor& X, int64_t parts, double inv_root_m, at::ScalarType out_dtype) {
   const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
-  if (rows == 0) return phi;
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
@@ -224,7 +224,6 @@ std::tuple<at::Tensor, at::Tensor> key_row_max(const at::Tensor& X, int64_t part
                                                double half_rs2, const at::Tensor& bias) {
   const int64_t rows = X.size(0), d = K.size(1);
   at::Tensor out = at::empty({rows}, X.options()), hsq = at::empty({rows}, X.options());
-  if (rows == 0) return {out, hsq};
   dispatch_work_out(X, K.scalar_type(), [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
@@ -240,7 +239,6 @@ at::Tensor key_softmax_features(const at::Tensor& X, int64_t parts, const at::Te
                                 at::ScalarType out_dtype) {
   const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
-  if (rows == 0) return phi;
   const at::Tensor stab_c = stab.contiguous();
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
@@ -256,7 +254,6 @@ at::Tensor relu_features(const at::Tensor& X, int64_t parts, const at::Tensor& b
                          at::ScalarType out_dtype) {
   const int64_t rows = X.size(0), m = X.size(1) / parts;
   at::Tensor phi = at::empty({rows, m}, X.options().dtype(out_dtype));
-  if (rows == 0) return phi;
   dispatch_work_out(X, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
@@ -269,7 +266,6 @@ at::Tensor relu_features(const at::Tensor& X, int64_t parts, const at::Tensor& b
 at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
   const int64_t rows = numden.size(0), dv = numden.size(1) - 1;
   at::Tensor out = at::empty({rows, dv}, numden.options().dtype(out_dtype));
-  if (rows == 0) return out;
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
@@ -281,7 +277,6 @@ at::Tensor normalise(const at::Tensor& numden, at::ScalarType out_dtype) {
 at::Tensor numden_grads(const at::Tensor& g, const at::Tensor& numden, at::ScalarType out_dtype) {
   const int64_t rows = numden.size(0), dv = numden.size(1) - 1;
   at::Tensor out = at::empty({rows, dv + 1}, numden.options().dtype(out_dtype));
-  if (rows == 0) return out;
   dispatch_work_out(numden, out_dtype, [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
@@ -296,7 +291,6 @@ std::tuple<at::Tensor, at::Tensor> feature_grads(const at::Tensor& g_phi, const 
   const int64_t rows = g_phi.size(0), m = g_phi.size(1);
   at::Tensor pre = at::empty({rows, m}, phi.options());
   at::Tensor g_bias = at::empty({rows}, g_phi.options());
-  if (rows == 0) return {pre, g_bias};
   dispatch_work_out(g_phi, phi.scalar_type(), [&](auto w, auto o) {
     using W = decltype(w);
     using O = decltype(o);
