@@ -75,24 +75,91 @@ def test_bert_sdpa_rewrite_padding_inductor_and_no_recompile():
     assert counters["graph_break"] == {}
 
 
-def test_bert_dynamic_shapes_symbolic_scale_and_unprovable_mask():
-    """dynamic=True: HF passes SDPA a symbolic scale (folded into q); its mask is built from symbolic
-    aranges, which the key-padding proof cannot evaluate, so masked calls stay exact with the reason."""
+def test_bert_dynamic_shapes_symbolic_scale_and_padding_mask():
+    """dynamic=True: HF passes SDPA a symbolic scale (folded into q) and builds its padding mask from symbolic
+    aranges (``arange(L) >= 0``), which the value bounds prove query-independent: one graph for every
+    length, padded keys ignored, and the same numbers as the eager-run rewritten graph."""
     model = _bert()
     policy = {"rule": [{"match": "encoder.layer.*.attention.self", "op": "attention", "features": 256}]}
-    compiled = torch.compile(model, backend=panther_backend, options={"policy": policy, "use_inductor": False},
-                             dynamic=True)
+    eager = torch.compile(model, backend=panther_backend, options={"policy": policy, "use_inductor": False},
+                          dynamic=True)
+    inductor = torch.compile(model, backend=panther_backend, options={"policy": policy}, dynamic=True)
     with torch.no_grad():
         for L in (12, 20):
             ids = torch.randint(0, 100, (2, L), generator=torch.Generator().manual_seed(L))
-            out = compiled(input_ids=ids).last_hidden_state
-            assert {r.status for r in _rows()} == {"rewritten"}
-            exact = model(input_ids=ids).last_hidden_state
-            assert ((out - exact).norm() / exact.norm()).item() < 0.02
-        mask = torch.ones(2, 20, dtype=torch.long)
-        mask[1, 12:] = 0
-        compiled(input_ids=ids, attention_mask=mask)
-        assert all("not provably a key-padding mask" in r.reason for r in _rows())
+            mask = torch.ones(2, L, dtype=torch.long)
+            mask[1, L - 5:] = 0
+            for attention_mask in (None, mask):
+                out = eager(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+                assert [r.status for r in _rows()] == ["rewritten"] * 2
+                exact = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+                assert ((out - exact).norm() / exact.norm()).item() < 0.02
+                compiled = inductor(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+                torch.testing.assert_close(compiled, out, atol=1e-5, rtol=1e-5)
+            ids2 = ids.clone()
+            ids2[1, L - 5:] = (ids2[1, L - 5:] + 1) % 100
+            padded = eager(input_ids=ids2, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(padded[1, :L - 5], out[1, :L - 5], atol=1e-5, rtol=1e-5)
+
+
+def test_bert_automatic_dynamic_keeps_the_rewrite_on_the_second_length():
+    """Without dynamic=True, the second sequence length recompiles with symbolic sizes (automatic dynamic);
+    the padding mask must still be rewritten there, and a third length must not recompile."""
+    model = _bert()
+    policy = {"rule": [{"match": "encoder.layer.*.attention.self", "op": "attention", "features": 256}]}
+    compiled = _compile(model, policy, use_inductor=False)
+    with torch.no_grad():
+        for L in (16, 20, 24):
+            ids = torch.randint(0, 100, (2, L), generator=torch.Generator().manual_seed(L))
+            mask = torch.ones(2, L, dtype=torch.long)
+            mask[0, L - 3:] = 0
+            with torch.compiler.set_stance("fail_on_recompile" if L == 24 else "default"):
+                compiled(input_ids=ids, attention_mask=mask)
+            assert [r.status for r in _rows()] == ["rewritten"] * 2, [r.reason for r in _rows()]
+
+
+class ArangeMaskedSDPA(torch.nn.Module):
+    """SDPA with a mask built from ``arange(L)`` over the queries, as HF does: (rows + shift >= 0) & keep,
+    or the causal ``rows >= cols``."""
+
+    def __init__(self, shift=0, causal=False):
+        super().__init__()
+        self.shift, self.causal = shift, causal
+
+    def forward(self, q, k, v, keep):
+        L = q.shape[2]
+        rows = torch.arange(L)[None, None, :, None]
+        if self.causal:
+            mask = rows >= torch.arange(L)[None, None, None, :]
+        else:
+            mask = ((rows + self.shift) >= 0) & keep[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("shift,causal,rewritten", [(0, False, True), (3, False, True), (-1, False, False),
+                                                    (0, True, False)])
+def test_symbolic_arange_masks_are_proven_only_when_query_independent(shift, causal, rewritten):
+    """Under dynamic shapes the mask cannot be evaluated; its value bounds decide. rows - 1 >= 0 is False on
+    row 0 (query-dependent) and rows >= cols is causal: both must stay exact."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 10, 8, generator=g) * 0.3 for _ in range(3))
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[1, 6:] = False
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 2)
+    torch._dynamo.mark_dynamic(keep, 1)
+    model = ArangeMaskedSDPA(shift, causal)
+    with torch.no_grad():
+        out = _compile(model, use_inductor=False)(q, k, v, keep)
+    assert type(_rows()[0].shape[1]) is not int  # the sequence length was symbolic
+    (row,) = _rows()
+    if rewritten:
+        assert row.status == "rewritten"
+        W = orthogonal_features(128, 8, generator=layer_generator(0, ""))
+        torch.testing.assert_close(out, torch.ops.panther.performer_attention(q, k, v, W, ~keep))
+    else:
+        assert row.status == "dense" and "not provably a key-padding mask" in row.reason
+        torch.testing.assert_close(out, model(q, k, v, keep))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -175,6 +242,17 @@ def test_sdpa_masks_causal_and_refusals():
         torch._dynamo.reset()
         _compile(SDPA(), use_inductor=False)(q, k, v, dropout_p=0.2)
         assert "dropout_p = 0.2" in _rows()[0].reason
+
+
+def test_symbolic_head_dim_is_left_alone_with_reason():
+    """dynamic=True makes the head dim of a bare SDPA symbolic; the feature matrix needs it fixed."""
+    q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))
+    with torch.no_grad():
+        out = torch.compile(SDPA(), backend=panther_backend, dynamic=True, fullgraph=True,
+                            options={"policy": PERFORMER, "use_inductor": False})(q, k, v)
+    (row,) = _rows()
+    assert row.status == "dense" and "head dim" in row.reason and "mark_static" in row.reason
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_policy_without_attention_rule_leaves_attention_exact():

@@ -6,8 +6,10 @@ Two targets:
 - ``torch._C._nn.scaled_dot_product_attention`` (HF BERT and most hand-written attention): ``is_causal`` is
   honoured; an ``attn_mask`` is accepted only when it provably does not depend on the query (or head)
   index, i.e. it is a key-padding mask broadcast to (B, 1, Lq, Lk). The proof follows the mask's producers:
-  shapes with size 1 in those dims, elementwise ops and ``expand``/``to`` of such tensors, and
-  sub-graphs with no graph inputs, which are evaluated at compile time and checked.
+  shapes with size 1 in those dims, elementwise ops and ``expand``/``to`` of such tensors, sub-graphs with
+  no graph inputs (evaluated at compile time and checked), and tensors that hold a single value for every
+  size of their symbolic dims (value bounds: ``arange(L) >= 0`` is all True, as HF builds its masks under
+  dynamic shapes).
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` under Dynamo, either ``batch_first``: the
   transposes sit outside the node), with a bool or float ``key_padding_mask`` and ``is_causal``.
 
@@ -19,6 +21,7 @@ projections and training through the backend works.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from typing import Any, Optional
 
@@ -48,6 +51,17 @@ _ELEMENTWISE_FUNCTIONS = {
     operator.sub, operator.mul, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     torch.logical_and, torch.logical_or, torch.logical_not, torch.where, torch.masked_fill,
 }
+# Ops whose result holds only values of their first operand (views, copies, broadcasts, selections).
+_SUBSET_FUNCTIONS = {operator.getitem, torch.unsqueeze, torch.squeeze, torch.reshape, torch.flatten,
+                     torch.transpose, torch.permute, torch.broadcast_to, torch.clone}
+_SUBSET_METHODS = {"expand", "expand_as", "contiguous", "clone", "view", "reshape", "unsqueeze", "squeeze",
+                   "flatten", "transpose", "permute", "__getitem__"}
+_COMPARISONS = {operator.ge: "ge", operator.gt: "gt", operator.le: "le", operator.lt: "lt",
+                torch.ge: "ge", torch.gt: "gt", torch.le: "le", torch.lt: "lt", "ge": "ge", "gt": "gt",
+                "le": "le", "lt": "lt", "__ge__": "ge", "__gt__": "gt", "__le__": "le", "__lt__": "lt"}
+_CAST_METHODS = {"bool": torch.bool, "float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+_UNBOUNDED = (-math.inf, math.inf)
 _PASSTHROUGH_METHODS = {"to", "expand", "expand_as", "contiguous", "bool", "float", "half", "bfloat16",
                         "type_as", "logical_not", "__invert__", "masked_fill", "__and__", "__or__", "mul",
                         "add", "sub", "eq", "ne"}
@@ -98,6 +112,7 @@ class _MaskProver:
         self.gm = gm
         self._constant: dict[fx.Node, bool] = {}
         self._values: dict[fx.Node, Any] = {}
+        self._bounds: dict[fx.Node, tuple[float, float]] = {}
 
     def is_constant(self, node: Any) -> bool:
         """No graph input among the ancestors (so the value can be computed now)."""
@@ -137,6 +152,8 @@ class _MaskProver:
             shape = (1,) * max(0, 4 - value.dim()) + tuple(value.shape)
             if value.dim() <= 4 and shape[1] == 1 and shape[2] == 1:
                 return True
+        if self.single_valued(node):
+            return True
         if depth > 32:
             return False
         if self.is_constant(node):
@@ -155,6 +172,104 @@ class _MaskProver:
             return all(self.query_independent(a, depth + 1) for a in (*node.args, *node.kwargs.values())
                        if isinstance(a, fx.Node))
         return False
+
+    def single_valued(self, node: Any) -> bool:
+        """Whether every element of the node's value is provably equal, for every size of its symbolic dims."""
+        low, high = self.bounds(node)
+        return low == high
+
+    def bounds(self, node: Any) -> tuple[float, float]:
+        """Sound bounds (low, high) on every element the node can hold, booleans as 0/1; (-inf, inf) when
+        nothing is known. They need no sizes, so they hold under dynamic shapes where evaluation cannot run."""
+        if isinstance(node, (bool, int, float)):
+            return float(node), float(node)
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return _UNBOUNDED
+        if node not in self._bounds:
+            self._bounds[node] = self._node_bounds(node)
+        return self._bounds[node]
+
+    def _node_bounds(self, node: fx.Node) -> tuple[float, float]:
+        target, args, kwargs = node.target, node.args, node.kwargs
+        if target is torch.arange:
+            return _arange_bounds(*args, **kwargs)
+        if target in _COMPARISONS:
+            return _compare(_COMPARISONS[target], self.bounds(args[0]), self.bounds(args[1]))
+        if target in _SUBSET_FUNCTIONS or target in _SUBSET_METHODS:
+            return self.bounds(args[0])
+        arithmetic = len(args) == 2 and not kwargs and not _is_bool(node)  # True + True is True, not 2
+        if target in (operator.add, "add", "__add__") and arithmetic:
+            (a, b), (c, d) = self.bounds(args[0]), self.bounds(args[1])
+            return a + c, b + d
+        if target in (operator.sub, "sub", "__sub__") and arithmetic:
+            (a, b), (c, d) = self.bounds(args[0]), self.bounds(args[1])
+            return a - d, b - c
+        if target in (operator.and_, operator.or_, torch.logical_and, torch.logical_or, "__and__", "__or__",
+                      "logical_and", "logical_or"):
+            return self._boolean_bounds(node, target in (operator.and_, torch.logical_and, "__and__", "logical_and"))
+        if target in (torch.ones, torch.ones_like, "new_ones"):
+            return 1.0, 1.0
+        if target in (torch.zeros, torch.zeros_like, "new_zeros"):
+            return 0.0, 0.0
+        if target == "to" or target in _CAST_METHODS:
+            return _converted_bounds(self.bounds(args[0]), target, args[1:], kwargs)
+        return _UNBOUNDED
+
+    def _boolean_bounds(self, node: fx.Node, conjunction: bool) -> tuple[float, float]:
+        """a & b, a | b of bool tensors; bitwise ops on integers are not modelled."""
+        if len(node.args) != 2 or not all(_is_bool(a) for a in node.args):
+            return _UNBOUNDED
+        (a, b), (c, d) = self.bounds(node.args[0]), self.bounds(node.args[1])
+        if conjunction:
+            return min(a, c), min(b, d)
+        return max(a, c), max(b, d)
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python bool or a node whose traced value is a bool tensor."""
+    if isinstance(value, fx.Node):
+        return getattr(example_value(value), "dtype", None) == torch.bool
+    return isinstance(value, bool)
+
+
+def _arange_bounds(*args: Any, start: Any = 0, end: Any = None, step: Any = 1, **_: Any) -> tuple[float, float]:
+    """``torch.arange``: values in [start, end) for a positive step; end may be symbolic (unbounded above)."""
+    if len(args) == 1:
+        end = args[0]
+    elif args:
+        start, end, step = (*args, step)[:3]
+    if not isinstance(start, (int, float)) or not isinstance(step, (int, float)) or step <= 0:
+        return _UNBOUNDED
+    return float(start), float(end) if isinstance(end, (int, float)) else math.inf
+
+
+def _compare(op: str, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """Bounds of a comparison as 0/1: decided when the operands' ranges do not overlap. An unbounded operand
+    may hold NaN, for which every comparison is False, so it decides nothing."""
+    if a == _UNBOUNDED or b == _UNBOUNDED:
+        return 0.0, 1.0
+    always, never = {"ge": (a[0] >= b[1], a[1] < b[0]), "gt": (a[0] > b[1], a[1] <= b[0]),
+                     "le": (a[1] <= b[0], a[0] > b[1]), "lt": (a[1] < b[0], a[0] >= b[1])}[op]
+    return (1.0, 1.0) if always else (0.0, 0.0) if never else (0.0, 1.0)
+
+
+def _converted_bounds(bounds: tuple[float, float], method: str, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """``x.to(...)``/``x.bool()``/``x.float()``...: a device move keeps the values; a float cast rounds them,
+    monotonically, so the rounded bounds hold; a bool cast maps them to 0/1. A cast to an integer dtype or to
+    another tensor's dtype is not modelled."""
+    if any(isinstance(a, fx.Node) for a in (*args, *kwargs.values())):
+        return _UNBOUNDED
+    dtype = _CAST_METHODS.get(method) or next(
+        (a for a in (*args, kwargs.get("dtype")) if isinstance(a, torch.dtype)), None)
+    if dtype is None:
+        return bounds
+    if dtype.is_floating_point:
+        low, high = (torch.tensor(b, dtype=torch.float64).to(dtype).item() for b in bounds)
+        return low, high
+    if dtype is torch.bool:
+        low, high = bounds
+        return (1.0, 1.0) if low > 0 or high < 0 else (0.0, 0.0) if low == high == 0 else (0.0, 1.0)
+    return _UNBOUNDED
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------
@@ -197,6 +312,11 @@ def _speed_checked(decision: Decision, W: torch.Tensor, shapes: Optional[list[tu
         W.device, f"q {describe(shapes[0], dtype)}, k/v {shapes[1][2]} tokens" + (", causal" if causal else ""))
 
 
+def _symbolic_head_dim(size: Any) -> str:
+    return (f"the head dim ({size}) is symbolic, but the feature matrix needs a fixed size: mark that dim static "
+            "(torch._dynamo.mark_static, or compile with dynamic=None instead of dynamic=True)")
+
+
 def _sdpa_args(node: fx.Node) -> dict[str, Any]:
     args = dict(_SDPA_DEFAULTS)
     args.update(zip(_SDPA_ARGS, node.args))
@@ -211,6 +331,8 @@ def _sdpa_refusal(args: dict[str, Any], q, k, v, prover: _MaskProver) -> Optiona
         return f"dropout_p = {args['dropout_p']} (training): attention dropout has no Performer equivalent"
     if q is None or k is None or v is None or not (q.dim() == k.dim() == v.dim() == 4):
         return "query/key/value are not (B, H, L, d) tensors"
+    if not _static(q.shape[3]):
+        return _symbolic_head_dim(q.shape[3])
     if not isinstance(args["is_causal"], bool):
         return "is_causal is computed in the graph"
     if not (args["scale"] is None or isinstance(args["scale"], (int, float, fx.Node))):
@@ -311,7 +433,7 @@ def _rewrite_mha(ctx: RewriteContext, node: fx.Node) -> None:
         shape = (a["num_heads"], query.shape[0], key.shape[0], query.shape[2] // a["num_heads"])
     if not decision.rewrites:
         return _dense(ctx, decision, shape, decision.reason)
-    refusal = _mha_refusal(a, node, query)
+    refusal = _mha_refusal(a, node, query) or (None if _static(shape[3]) else _symbolic_head_dim(shape[3]))
     if refusal:
         return _dense(ctx, decision, shape, refusal)
     causal = a["is_causal"]
