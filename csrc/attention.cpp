@@ -7,12 +7,14 @@
 // per-chunk states), so memory stays linear in L: the (BH, L, m) features and O(L/C·m·dv) states.
 #include "attention.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace panther {
 
@@ -246,6 +248,14 @@ FeatureGrads feature_backward(const Favor& f, const at::Tensor& g_phi, const at:
 
 }  // namespace
 
+namespace {
+
+bool is_attention_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+}  // namespace
+
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
                      const OptTensor& mask, c10::string_view kernel_fn, bool causal) {
   TORCH_CHECK(kernel_fn == "softmax" || kernel_fn == "relu", kName,
@@ -256,12 +266,19 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               kName, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " disagree on (B, H)");
   TORCH_CHECK(k.size(2) == v.size(2), kName, ": k has ", k.size(2), " tokens but v has ", v.size(2));
   TORCH_CHECK(q.size(3) == k.size(3), kName, ": q head dim ", q.size(3), " differs from k head dim ", k.size(3));
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == q.size(3), kName, ": features must be (m, ", q.size(3),
-              "), got ", features.sizes());
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == q.size(3) && features.size(0) > 0, kName,
+              ": features must be (m, ", q.size(3), ") with m >= 1, got ", features.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), kName,
               ": dtypes differ: q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(features.scalar_type()), kName,
-              ": q and features must be floating point, got ", q.scalar_type(), ", ", features.scalar_type());
+  TORCH_CHECK(is_attention_dtype(q.scalar_type()) && is_attention_dtype(features.scalar_type()), kName,
+              ": q and features must be float16, bfloat16, float32 or float64, got ", q.scalar_type(), ", ",
+              features.scalar_type());
+  // The row kernels read every operand through raw pointers on q's device: a tensor elsewhere must be refused
+  // here (ATen would not see it before the kernels do).
+  const std::pair<const char*, const at::Tensor*> operands[] = {{"k", &k}, {"v", &v}, {"features", &features}};
+  for (const auto& [name, t] : operands) {
+    TORCH_CHECK(t->device() == q.device(), kName, ": ", name, " is on ", t->device(), " but q is on ", q.device());
+  }
   if (causal) {
     TORCH_CHECK(q.size(2) == k.size(2), kName, ": causal attention needs as many queries as keys, got ", q.size(2),
                 " and ", k.size(2));
@@ -269,6 +286,11 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (mask) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == k.size(0) && mask->size(1) == k.size(2), kName,
                 ": key_padding_mask must be (B, Lk) = (", k.size(0), ", ", k.size(2), "), got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kBool || is_attention_dtype(mask->scalar_type()), kName,
+                ": key_padding_mask must be bool (True = ignore the key) or floating (added to the logits), got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->device() == q.device(), kName, ": key_padding_mask is on ", mask->device(), " but q is on ",
+                q.device());
   }
 }
 
@@ -289,6 +311,7 @@ at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& features, const OptTensor& key_padding_mask,
                                          c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
   check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  const c10::OptionalDeviceGuard guard(q.device());  // the row kernels launch on the current device's stream
   const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/false);
   if (f.Lq == 0 || f.Lk == 0 || f.B * f.H == 0)  // no admissible key: 0, as for fully padded rows
     return at::zeros({f.B, f.H, f.Lq, f.dv}, q.options());
@@ -307,12 +330,15 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
                                                       c10::string_view kernel_fn, bool causal,
                                                       std::optional<double> scale, std::array<bool, 5> needs) {
   check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  const c10::OptionalDeviceGuard guard(q.device());
   const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
   const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();
   const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/true);
   const int64_t BH = f.B * f.H;
   if (f.Lq == 0 || f.Lk == 0 || BH == 0) {
-    const auto zero = [](bool need, const at::Tensor& t) { return need ? OptTensor(at::zeros_like(t)) : std::nullopt; };
+    const auto zero = [](bool need, const at::Tensor& t) {
+      return need ? OptTensor(at::zeros(t.sizes(), t.options())) : std::nullopt;  // contiguous, as the fake says
+    };
     return {zero(need_q, q), zero(need_k, k), zero(need_v, v), zero(need_W, features),
             zero(need_mask, need_mask ? *key_padding_mask : q)};
   }

@@ -94,6 +94,7 @@ void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor&
   TORCH_CHECK(S1.dim() == 3 && S2.dim() == 3 && U1.dim() == 3 && U2.dim() == 3, op,
               ": S1, S2, U1, U2 must be 3-D (L, ., .)");
   const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
+  TORCH_CHECK(L >= 1, op, ": S1 ", shape_str(S1.sizes()), " has no terms (L = 0); the output is scaled by 1/(2L)");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == I, op, ": x has ", x.dim() >= 1 ? x.size(-1) : 0,
               " features but S1 is ", shape_str(S1.sizes()), " (L, in, k)");
   const std::pair<const char*, const at::Tensor*> others[] = {{"S2", &S2}, {"U1", &U1}, {"U2", &U2}};

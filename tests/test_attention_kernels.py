@@ -180,6 +180,30 @@ def test_errors_match_the_reference():
         panther.performer_attention(q, k, v, W, torch.zeros(2, 6, dtype=torch.bool))
     with pytest.raises(RuntimeError, match=r"features must be \(m, 16\)"):
         panther.performer_attention(q, k, v, W[:, :4])
+    for run in (panther.performer_attention, panther._performer_attention_composite, reference_forward):
+        args = {"kernel_fn": "softmax", "causal": False}
+        if run is panther._performer_attention_composite:
+            args["scale"] = None
+        with pytest.raises(RuntimeError, match=r"features must be \(m, 16\) with m >= 1, got \[?\(?0, 16"):
+            run(q, k, v, W[:0], None, **args)  # the composition divided by m (SIGFPE)
+        bad_mask = r"key_padding_mask must be bool .* or floating .*, got (torch\.int64|Long)"
+        with pytest.raises(RuntimeError, match=bad_mask):
+            run(q, k, k[..., :12], W, torch.ones(2, 7, dtype=torch.long), **args)  # an HF-style 1 = keep mask
+        with pytest.raises(RuntimeError, match="q and features must be float16, bfloat16, float32 or float64"):
+            run(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), W, None, **args)
+
+
+@pytest.mark.cuda
+def test_cuda_operands_on_other_devices_are_refused():
+    """The row kernels read the mask through a raw pointer: a CPU mask with CUDA q must be an error, not an
+    illegal memory access."""
+    q, k, v, W, pad = inputs(mask="bool", B=2, L=20)
+    q, k, v, W = (t.cuda() for t in (q, k, v, W))
+    for run in (panther.performer_attention, reference_forward):
+        with pytest.raises(RuntimeError, match="key_padding_mask is on cpu but q is on cuda"):
+            run(q, k, v, W, pad, kernel_fn="softmax", causal=False)
+        with pytest.raises(RuntimeError, match="features is on cpu but q is on cuda"):
+            run(q, k, v, W.cpu(), None, kernel_fn="softmax", causal=False)
 
 
 def test_opcheck_both_ops():

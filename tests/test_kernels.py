@@ -186,6 +186,24 @@ def test_errors_name_the_op_and_shapes():
     x, (S1, S2, U1, U2), b = make_inputs("sketched", (3,))
     with pytest.raises(RuntimeError, match=r"sketched_linear: U1 must have shape"):
         panther.sketched_linear(x, S1, S2, U1[:, :5], U2, b)
+    # L = 0 has no 1/(2L) scale: refused by both (the GEMM form used to return uninitialised memory).
+    for run in (panther.sketched_linear, reference("sketched_linear")):
+        with pytest.raises(RuntimeError, match=r"sketched_linear: S1 \(0, 48, 12\) has no terms \(L = 0\)"):
+            run(x, S1[:0], S2[:0], U1[:0], U2[:0], b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_degenerate_sizes_match_the_reference(device, tokens):
+    """Rank 0 gives the bias; no output features give an empty result (the fused CUDA kernel must not be
+    launched on either: an empty grid is invalid and it divides by the rank)."""
+    x, (S1, S2, U1, U2), b = make_inputs("sketched", (tokens,), L=2, device=device)
+    out = panther.sketched_linear(x, S1[..., :0], S2[:, :0], U1[:, :0], U2[..., :0], b)
+    torch.testing.assert_close(out, b.expand(tokens, -1), rtol=0, atol=0)
+    x, (A, B), b = make_inputs("lowrank", (tokens,), device=device)
+    torch.testing.assert_close(panther.lowrank_linear(x, A[:, :0], B[:0], b), b.expand(tokens, -1), rtol=0, atol=0)
+    assert panther.lowrank_linear(x, A[:0], B, b[:0]).shape == (tokens, 0)
+    assert panther.sketched_linear(x.new_zeros(tokens, 48), S1, S2[..., :0], U1[..., :0], U2, b[:0]).shape == (tokens, 0)
 
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
@@ -235,6 +253,22 @@ def test_cuda_fp32_is_not_tf32_by_default():
     got = panther.lowrank_linear(x, *factors, b).double()
     truth = reference("lowrank_linear")(x.double(), *(f.double() for f in factors), b.double())
     assert (got - truth).abs().max().item() < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda_ext
+def test_cuda_deterministic_mode_gives_identical_sketched_results():
+    """The fused sketched kernel sums with shared-memory atomics when 2Lk < 512; under
+    torch.use_deterministic_algorithms the op takes the GEMM form instead, so repeated runs are identical."""
+    x, factors, b = make_inputs("sketched", (4,), L=2, device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [panther.sketched_linear(x, *factors, b) for _ in range(20)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    torch.testing.assert_close(runs[0], reference("sketched_linear")(x, *factors, b), **TOL[torch.float32])
 
 
 @pytest.mark.cuda

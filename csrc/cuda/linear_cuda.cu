@@ -184,10 +184,14 @@ void launch_tn(const at::Tensor& x2, const Factors<scalar_t>& f, int64_t R, cons
   launch<scalar_t, 8, kSketched>(x2, f, R, bias, alpha, y);
 }
 
-bool use_fused(const at::Tensor& x, int64_t tokens, int64_t I, int64_t R) {
+// Empty outputs and rank 0 go to the GEMM form (a launch with no column tiles is invalid; the kernel divides
+// by R). So do runs under torch.use_deterministic_algorithms when the kernel would sum with shared-memory
+// atomics (the sketched op with R < kThreads: several input-row groups add into one column).
+bool use_fused(const at::Tensor& x, int64_t tokens, int64_t I, int64_t R, int64_t O, bool atomics) {
   const auto dtype = x.scalar_type();
   const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  return supported && tokens > 0 && tokens <= g_fused_max_tokens.load() && R <= kMaxRank &&
+  if (atomics && at::globalContext().deterministicAlgorithms()) return false;
+  return supported && O > 0 && R > 0 && tokens > 0 && tokens <= g_fused_max_tokens.load() && R <= kMaxRank &&
          tokens * I * R <= g_fused_max_work.load();
 }
 
@@ -228,7 +232,7 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& A, const a
   check_lowrank(x, A, B, bias);
   count_call("lowrank_linear.cuda");
   const int64_t R = A.size(1);
-  if (use_fused(x, tokens_of(x), x.size(-1), R)) {
+  if (use_fused(x, tokens_of(x), x.size(-1), R, A.size(0), /*atomics=*/false)) {
     return fused_forward<false>(x, {A, B}, bias, R, R, A.size(0), 1.f);
   }
   return lowrank_linear_gemm(x, A, B, bias);
@@ -239,7 +243,7 @@ at::Tensor sketched_linear_cuda(const at::Tensor& x, const at::Tensor& S1, const
   check_sketched(x, S1, S2, U1, U2, bias);
   count_call("sketched_linear.cuda");
   const int64_t L = S1.size(0), k = S1.size(2), R = 2 * L * k, tokens = tokens_of(x);
-  if (use_fused(x, tokens, x.size(-1), R)) {
+  if (use_fused(x, tokens, x.size(-1), R, S2.size(2), /*atomics=*/R < kThreads)) {
     return fused_forward<true>(x, {S1, S2, U1, U2}, bias, R, k, S2.size(2), 1.f / static_cast<float>(2 * L));
   }
   return sketched_linear_gemm(x, S1, S2, U1, U2, bias, /*concat=*/tokens > 2 * k);

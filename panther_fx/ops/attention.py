@@ -44,6 +44,7 @@ __all__ = ["performer_attention", "performer_attention_op", "performer_attention
            "performer_multi_head_attention", "causal_product", "anticausal_product", "CAUSAL_CHUNK", "EPS", "KERNELS"]
 
 KERNELS = ("softmax", "relu")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_CHUNK = 128
 """Tokens per chunk of the causal prefix sums: C×C blocks against L/C states of m·(dv+1) floats."""
 EPS = 1e-30
@@ -63,12 +64,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_padding_mask: 
                  lambda: f"{name}: k has {k.shape[2]} tokens but v has {v.shape[2]}")
     torch._check(q.shape[3] == k.shape[3],
                  lambda: f"{name}: q head dim {q.shape[3]} differs from k head dim {k.shape[3]}")
-    torch._check(features.dim() == 2 and features.shape[1] == q.shape[3],
-                 lambda: f"{name}: features must be (m, {q.shape[3]}), got {tuple(features.shape)}")
+    torch._check(features.dim() == 2 and features.shape[1] == q.shape[3] and features.shape[0] > 0,
+                 lambda: f"{name}: features must be (m, {q.shape[3]}) with m >= 1, got {tuple(features.shape)}")
     torch._check(q.dtype == k.dtype == v.dtype,
                  lambda: f"{name}: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    torch._check(q.dtype.is_floating_point and features.dtype.is_floating_point,
-                 lambda: f"{name}: q and features must be floating point, got {q.dtype}, {features.dtype}")
+    torch._check(q.dtype in _DTYPES and features.dtype in _DTYPES,
+                 lambda: f"{name}: q and features must be float16, bfloat16, float32 or float64, "
+                         f"got {q.dtype}, {features.dtype}")
+    for other, t in (("k", k), ("v", v), ("features", features), ("key_padding_mask", key_padding_mask)):
+        torch._check(t is None or t.device == q.device,
+                     lambda other=other, t=t: f"{name}: {other} is on {t.device} but q is on {q.device}")
     if causal:
         torch._check(q.shape[2] == k.shape[2],
                      lambda: f"{name}: causal attention needs as many queries as keys, "
@@ -77,6 +82,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_padding_mask: 
         torch._check(key_padding_mask.shape == (k.shape[0], k.shape[2]),
                      lambda: f"{name}: key_padding_mask must be (B, Lk) = ({k.shape[0]}, {k.shape[2]}), "
                              f"got {tuple(key_padding_mask.shape)}")
+        torch._check(key_padding_mask.dtype == torch.bool or key_padding_mask.dtype in _DTYPES,
+                     lambda: f"{name}: key_padding_mask must be bool (True = ignore the key) or floating (added "
+                             f"to the logits), got {key_padding_mask.dtype}")
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
