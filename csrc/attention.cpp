@@ -163,7 +163,11 @@ at::Tensor causal_product(const at::Tensor& a, const at::Tensor& b, const at::Te
   const at::Tensor scores = matmul_acc(ac, bc.transpose(1, 2), work).tril_();
   at::Tensor out = matmul_acc(scores.to(a.scalar_type()), cc, work);
   const at::Tensor state = matmul_acc(bc.transpose(1, 2), cc, work).view({BH, n, p, r});
-  const at::Tensor prefix = (state.cumsum(1) - state).to(a.scalar_type()).view({BH * n, p, r});
+  // Exclusive prefix as a shifted inclusive one: cumsum − state would cancel catastrophically when one chunk's
+  // state dwarfs the earlier ones (a key with a large feature value), leaving the earlier sum as rounding noise.
+  at::Tensor prefix = at::zeros({BH, n, p, r}, state.options().dtype(a.scalar_type()));
+  if (n > 1) prefix.narrow(1, 1, n - 1).copy_(state.narrow(1, 0, n - 1).cumsum(1));
+  prefix = prefix.view({BH * n, p, r});
   out.add_(matmul_acc(ac, prefix, work));
   return out.view({BH, n * C, r}).narrow(1, 0, L).contiguous();
 }

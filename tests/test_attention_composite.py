@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import panther_fx
+from panther_fx.linalg.features import orthogonal_features
 from panther_fx.ops import attention as attention_ops
 
 from test_attention_kernels import ALL, assert_rel, inputs
@@ -125,6 +126,30 @@ def test_composite_checks_like_the_reference():
         composite(q, k, v, W, None, "softmax", True)
     with pytest.raises(RuntimeError, match="kernel must be one of"):
         composite(q, k, v, W, None, "cos")
+
+
+@pytest.mark.parametrize("body", ["composite", "reference"])
+def test_causal_prefix_keeps_float32_precision_when_one_chunk_dominates(body):
+    """Keys of norm ~16 make some chunk's state dwarf the chunks before it. The exclusive prefix across chunks
+    was formed as cumsum − state, which cancels there: against float64 the forward was 1e-4 and the v gradient
+    1e-2 off (relative to the largest entry); the shifted cumsum is within 5e-6, as the sequential CPU kernel."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, generator=g) * 2 for _ in range(3))
+    W = orthogonal_features(256, 64, generator=0)
+    pad = torch.zeros(2, 1000, dtype=torch.bool)
+    pad[1, 700:] = True
+    g_out = torch.randn(2, 4, 1000, 64, generator=g)
+    exact = [t.double() for t in (q, k, v, W)]
+    if body == "composite":
+        out = composite(q, k, v, W, pad, "softmax", True)
+        grads = composite_backward(g_out, q, k, v, W, pad, "softmax", True, None, ALL)
+    else:
+        out = reference_forward(q, k, v, W, pad, kernel_fn="softmax", causal=True)
+        grads = reference_backward(g_out, q, k, v, W, pad, "softmax", True, None, ALL)
+    assert_rel(out.double(), reference_forward(*exact, pad, kernel_fn="softmax", causal=True), 2e-5)
+    expected = reference_backward(g_out.double(), *exact, pad, "softmax", True, None, ALL)
+    for name, a, b in zip(NAMES[:4], grads, expected):
+        assert_rel(a.double(), b, 2e-5)
 
 
 # ---- CUDA: the registered kernels -----------------------------------------------------------------------------

@@ -181,7 +181,9 @@ def causal_product(a: Tensor, b: Tensor, c: Tensor, chunk: Optional[int] = None)
     scores = (a @ b.transpose(-2, -1)).tril()  # (..., n, C, C): s ≤ t inside a chunk
     out = scores @ c
     state = b.transpose(-2, -1) @ c  # (..., n, p, r)
-    prefix = state.cumsum(dim=-3) - state  # exclusive: the chunks strictly before
+    # Exclusive (the chunks strictly before) as a shifted inclusive sum: cumsum − state would cancel
+    # catastrophically when one chunk's state dwarfs the earlier ones.
+    prefix = torch.cat((torch.zeros_like(state[..., :1, :, :]), state[..., :-1, :, :].cumsum(dim=-3)), dim=-3)
     out = out + a @ prefix
     return out.reshape(*lead, n * C, out.shape[-1])[..., :L, :]
 
