@@ -5,8 +5,11 @@
         --batch 8 --iters 5
 
 Square C -> C convolutions with "same" padding; ``--ranks`` are fractions of min(C·kh·kw, C) (svd) and the
-sketch rows use num_terms=1 with the same total number of filters (2Lk = rank). Timings are medians over
-``--iters`` runs after ``--warmup`` runs, eager mode (each panther layer is one custom op: two ATen
+sketch rows use num_terms=1 with the same total number of filters (2Lk = rank). The factored layers are built
+with their constructors (seeded random factors: speed does not depend on the values, and an exact SVD of a
+1024 × 82944 kernel per rank would cost more than the timings). Timings are medians over ``--iters`` rounds
+after ``--warmup``, the dense layer and its factored variants interleaved, CUDA events on CUDA
+(:func:`panther_fx.passes.speed.median_ms`), eager mode (each panther layer is one custom op: two ATen
 convolutions). "params ×" is dense / factored weight count.
 """
 
@@ -14,46 +17,28 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
+from typing import Callable
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
 from panther_fx.nn import LowRankConv2d, SKConv2d
+from panther_fx.passes.speed import median_ms
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def measure(module: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, float]:
-    """(forward ms under no_grad, forward+backward ms with the input gradient, as inside a network)."""
-    xg = x.detach().requires_grad_(True)
-
-    def forward():
+def forward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The forward under no_grad."""
+    def run() -> None:
         with torch.no_grad():
             module(x)
+    return run
 
-    def forward_backward():
-        module(xg).sum().backward()
 
-    return time_ms(forward, x.device, warmup, iters), time_ms(forward_backward, x.device, warmup, iters)
+def forward_backward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Forward and backward with the input gradient, as inside a network."""
+    xg = x.detach().requires_grad_(True)
+    return lambda: module(xg).sum().backward()
 
 
 def params(module: nn.Module) -> int:
@@ -85,21 +70,29 @@ def main() -> None:
             continue
         torch.manual_seed(0)
         x = torch.randn(args.batch, c, size, size, device=device, dtype=dtype)
-        dense = nn.Conv2d(c, c, k, padding="same", device=device, dtype=dtype)
-        dense_fwd, dense_bwd = measure(dense, x, args.warmup, args.iters)
+        geometry = dict(padding="same", device=device, dtype=dtype)
+        modules = {("dense", 0): nn.Conv2d(c, c, k, **geometry)}
         for fraction in args.ranks:
             rank = max(2, round(fraction * min(c * k * k, c)) // 2 * 2)
-            variants = [("svd", LowRankConv2d.from_dense(dense, rank))]
+            modules["svd", rank] = LowRankConv2d(c, c, k, **geometry, rank=rank, seed=0)
             if args.sketch:
-                variants.append(("sketch", SKConv2d.from_dense(dense, 1, rank // 2)))
-            for method, module in variants:
-                fwd, bwd = measure(module, x, args.warmup, args.iters)
-                rows.append((k, size, c, method, rank, f"{params(dense) / params(module):.1f}",
-                             f"{dense_fwd:.3f}", f"{fwd:.3f}", f"{dense_fwd / fwd:.2f}",
-                             f"{dense_bwd:.3f}", f"{bwd:.3f}", f"{dense_bwd / bwd:.2f}"))
+                modules["sketch", rank] = SKConv2d(c, c, k, **geometry, num_terms=1, low_rank=rank // 2, seed=0)
+        fwd = median_ms({key: forward_fn(m, x) for key, m in modules.items()}, device, warmup=args.warmup,
+                        repeats=args.iters)
+        bwd = median_ms({key: forward_backward_fn(m, x) for key, m in modules.items()}, device,
+                        warmup=args.warmup, repeats=args.iters)
+        dense = modules["dense", 0]
+        for (method, rank), module in modules.items():
+            if method == "dense":
+                continue
+            key, base = (method, rank), ("dense", 0)
+            rows.append((k, size, c, method, rank, f"{params(dense) / params(module):.1f}",
+                         f"{fwd[base]:.3f}", f"{fwd[key]:.3f}", f"{fwd[base] / fwd[key]:.2f}",
+                         f"{bwd[base]:.3f}", f"{bwd[key]:.3f}", f"{bwd[base] / bwd[key]:.2f}"))
         print(f"done k={k} size={size} C={c}", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, median of {args.iters}\n")
+    print(f"\n{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, median of {args.iters} "
+          "interleaved rounds\n")
     print(tabulate(rows, headers=("k", "H=W", "C", "method", "rank", "params ×", "dense fwd ms", "panther fwd ms",
                                   "fwd speedup", "dense fwd+bwd ms", "panther fwd+bwd ms", "fwd+bwd speedup"),
                    tablefmt="github"))

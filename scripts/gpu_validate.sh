@@ -1,55 +1,81 @@
 #!/usr/bin/env bash
 # One-shot GPU validation for a machine with an NVIDIA GPU, torch (CUDA build) and nvcc already installed
-# (e.g. the H100 image: torch 2.11+cu130, Python 3.12). Each step fits in one 10-minute device call:
+# (e.g. the H100 image: torch 2.11+cu130, Python 3.12, no optuna). Each step fits in one 10-minute device call;
+# issue them back to back so the machine stays warm and the build is reused:
 #
-#   bash scripts/gpu_validate.sh build-test    # build the CUDA kernels (PANTHER_CUDA=1), smoke run, cuda tests
-#   bash scripts/gpu_validate.sh sanitize      # the smoke run under compute-sanitizer memcheck and racecheck
-#   bash scripts/gpu_validate.sh bench-linear  # bf16 linear-op tables (issue #3 targets)
-#   bash scripts/gpu_validate.sh bench-other   # attention, conv, linalg tables (issues #4, #5, #6)
+#   bash scripts/gpu_validate.sh build-test       # build the CUDA kernels (PANTHER_CUDA=1), smoke run, cuda tests
+#   bash scripts/gpu_validate.sh sanitize         # the smoke run under compute-sanitizer memcheck and racecheck
+#   bash scripts/gpu_validate.sh bench-linear     # bf16 linear-op tables (issue #3)
+#   bash scripts/gpu_validate.sh bench-attention  # bf16 Performer vs SDPA tables (issue #4)
+#   bash scripts/gpu_validate.sh bench-conv       # bf16 conv tables (issue #5)
+#   bash scripts/gpu_validate.sh bench-linalg     # rsvd, cqrrpt, lstsq, FWHT tables (issue #6)
 #
-# Outputs go to $OUT (the device tool's folder) or ./gpu_results. The build is incremental, so later steps on
-# the same machine reuse it; on a fresh machine every step builds first.
+# Outputs go to $OUT (the device tool's folder) or ./gpu_results. The build is incremental (ninja), so later
+# steps on a warm machine rebuild only what changed; on a fresh machine every step builds first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
+PY="${PYTHON:-python3}"  # the image's torch lives in its python3
 export PYTHONUNBUFFERED=1 PANTHER_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
 build() {
+  # The toolkit first: a wrong CUDA_HOME should fail in seconds, not after the pip log.
+  command -v nvcc > /dev/null && nvcc --version | tail -1
+  $PY -c "import torch; from torch.utils.cpp_extension import CUDA_HOME; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'CUDA_HOME', CUDA_HOME, torch.cuda.get_device_name(0))"
   # --no-deps: the image already has torch, numpy, tabulate, tqdm, safetensors, transformers.
-  python -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-  python -c "import panther_fx, json; print(json.dumps(panther_fx.kernel_info(), indent=1))" | tee "$out/kernel_info.json"
+  $PY -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  $PY -c "import panther_fx, json; print(json.dumps(panther_fx.kernel_info(), indent=1))" | tee "$out/kernel_info.json"
 }
 
+sanitize() {  # sanitize TOOL: the smoke run under compute-sanitizer, instrumenting only the panther kernels
+  local filter=()
+  compute-sanitizer --help | grep -q -- "--kernel-name" && filter=(--kernel-name kns=panther)
+  # Without the caching allocator, an out-of-bounds access leaves its cudaMalloc'd block instead of landing in
+  # a neighbouring tensor of the same segment, where memcheck cannot see it.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" ${filter[@]+"${filter[@]}"} --print-limit 50 --error-exitcode 9 \
+    $PY scripts/cuda_smoke.py > "$out/$1.log" 2>&1 && echo "$1: clean" || echo "$1: FAILED (exit $?), see $1.log"
+  tail -25 "$out/$1.log"
+}
+
+pytest_timeout=()
 case "${1:-}" in
   build-test)
     build
     # every native CUDA kernel once against the CPU (seconds): the first signal, before the full cuda tests
-    python scripts/cuda_smoke.py 2>&1 | tee "$out/cuda_smoke.log" || true
-    python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
+    $PY scripts/cuda_smoke.py 2>&1 | tee "$out/cuda_smoke.log" || true
+    $PY -c "import pytest_timeout" 2> /dev/null && pytest_timeout=(--timeout=240)
+    $PY -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors -rfEs --durations=15 \
+      ${pytest_timeout[@]+"${pytest_timeout[@]}"} 2>&1 | tee "$out/cuda_tests.log"
     ;;
   sanitize)
     build
-    for tool in memcheck racecheck; do
-      compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/cuda_smoke.py > "$out/$tool.log" 2>&1 \
-        && echo "$tool: clean" || echo "$tool: FAILED (exit $?), see $tool.log"
-      tail -25 "$out/$tool.log"
-    done
+    sanitize memcheck
+    sanitize racecheck
     ;;
   bench-linear)
     build
-    python benchmarks/linear.py --device cuda --dtype bfloat16 --tokens 1,16,64,256,1024,4096,32768 \
+    $PY benchmarks/linear.py --device cuda --dtype bfloat16 --tokens 1,16,64,256,1024,4096,32768 \
       --sizes 1024,4096,8192,8192x2048 --ranks 32,128,512 2>&1 | tee "$out/linear_bf16.md"
     ;;
-  bench-other)
+  bench-attention)
     build
-    python benchmarks/attention.py --device cuda --dtype bfloat16 --dims 64 --features 256 \
+    $PY benchmarks/attention.py --device cuda --dtype bfloat16 --dims 64 --features 256 \
       --methods sdpa,panther,plain --max-gib 40 2>&1 | tee "$out/attention_bf16.md"
-    python benchmarks/conv.py --device cuda --dtype bfloat16 2>&1 | tee "$out/conv_bf16.md"
-    python benchmarks/linalg.py --device cuda 2>&1 | tee "$out/linalg.md"
+    ;;
+  bench-conv)
+    build
+    # Activations up to 2^30 elements: the 9x9, C = 1024, 256² case alone (3.6e14 FLOP per forward) would
+    # take most of the call.
+    $PY benchmarks/conv.py --device cuda --dtype bfloat16 --sketch --max-elements 1073741824 2>&1 \
+      | tee "$out/conv_bf16.md"
+    ;;
+  bench-linalg)
+    build
+    $PY benchmarks/linalg.py --device cuda 2>&1 | tee "$out/linalg.md"
     ;;
   *)
-    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-other" >&2
+    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg" >&2
     exit 2
     ;;
 esac

@@ -186,6 +186,22 @@ def test_cuda_float32_matches_float64_reference(kernel, causal, mask):
 
 @pytest.mark.cuda
 @needs_cuda_kernels
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_cuda_float64_matches_reference_to_rounding(kernel):
+    """The double instantiations of the CUDA row kernels, as the CPU composition test above."""
+    q, k, v, W, pad = inputs(mask="float", dtype=torch.float64)
+    for causal in (False, True):
+        out = panther.performer_attention(*to_cuda([q, k, v, W, pad]), kernel_fn=kernel, causal=causal, scale=0.2)
+        assert out.dtype == torch.float64
+        assert_rel(out.cpu(), reference_forward(q, k, v, W, pad, kernel_fn=kernel, causal=causal, scale=0.2), 1e-12)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        grads = panther.performer_attention_backward(g.cuda(), *to_cuda([q, k, v, W, pad]), kernel, causal, 0.2, ALL)
+        assert_grads([None if a is None else a.cpu() for a in grads],
+                     reference_backward(g, q, k, v, W, pad, kernel, causal, 0.2, ALL), 1e-12)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_half_precisions_finite_and_close(dtype, causal):

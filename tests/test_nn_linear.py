@@ -201,12 +201,14 @@ def test_training_reduces_loss(opt, make):
 
 @pytest.mark.cuda
 def test_cuda_layers_match_cpu_float64():
-    """A seed gives the same layer on every device; CUDA outputs and gradients match the CPU in float64."""
+    """A seed gives the same layer on every device (up to the rounding of the factors computed on the device:
+    S1, S2 and their norm scales); CUDA outputs and gradients match the CPU in float64."""
     for make in (lambda dev: SKLinear(40, 24, 2, 4, dtype=D, device=dev, seed=3),
                  lambda dev: LowRankLinear(40, 24, 5, dtype=D, device=dev, seed=3)):
         cpu, gpu = make("cpu"), make("cuda")
         for (name, p), q in zip(cpu.state_dict().items(), gpu.state_dict().values()):
-            assert q.is_cuda and torch.equal(q.cpu(), p), name
+            assert q.is_cuda, name
+            torch.testing.assert_close(q.cpu(), p, rtol=1e-13, atol=1e-15, msg=name)
         x = torch.randn(7, 40, dtype=D)
         y_cpu, y_gpu = cpu(x), gpu(x.cuda())
         torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)

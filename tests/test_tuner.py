@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 import textwrap
 
-import optuna
 import pytest
 import torch
 from torch import nn
+
+# Before panther_fx.tuner, which imports it: an image without optuna (the GPU machine's) must skip this module,
+# not abort the collection of every other test.
+optuna = pytest.importorskip("optuna")
 
 import panther_fx
 from panther_fx.passes import FactorCache
