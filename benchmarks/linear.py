@@ -222,16 +222,17 @@ def main(argv: list[str] | None = None) -> None:
           f"device {name}, dtype {args.dtype}, threads {torch.get_num_threads()}, extension {info['extension']}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"# measured peaks: GEMM {peaks.flops / 1e12:.3f} TFLOP/s ({args.dtype}), copy {peaks.bandwidth / 1e9:.1f} GB/s")
-    rows = []
     for method in args.methods.split(","):
         for mode in args.modes.split(","):
+            rows = []
             for I, O in args.sizes:
                 for r in args.ranks:
                     if r * (I + O) >= I * O or (method == "sketched" and r % (2 * args.num_terms)):
                         continue  # no rewrite below break-even; sketched needs r divisible by 2L
                     for N in args.tokens:
                         rows.append(run_case(args, timer, peaks, method, N, I, O, r, mode == "fwd+bwd"))
-    print(tabulate(rows, headers="keys", tablefmt=args.tablefmt, floatfmt=".3f"))
+            # One table per (method, mode) as soon as it is complete, so a run cut short keeps what it measured.
+            print(tabulate(rows, headers="keys", tablefmt=args.tablefmt, floatfmt=".3f"), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":
