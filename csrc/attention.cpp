@@ -261,7 +261,8 @@ bool is_attention_dtype(at::ScalarType t) {
 }  // namespace
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                     const OptTensor& mask, c10::string_view kernel_fn, bool causal) {
+                     const OptTensor& mask, c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
+  TORCH_CHECK(!scale || *scale >= 0, kName, ": scale must be >= 0 (the logits are scale·q·k), got ", *scale);
   TORCH_CHECK(kernel_fn == "softmax" || kernel_fn == "relu", kName,
               ": kernel must be one of ('softmax', 'relu'), got '", std::string(kernel_fn), "'");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kName, ": q, k, v must be (B, H, L, d), got ", q.dim(),
@@ -314,7 +315,7 @@ at::Tensor key_bias(const OptTensor& mask, at::ScalarType dtype) {
 at::Tensor performer_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& features, const OptTensor& key_padding_mask,
                                          c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
-  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal, scale);
   const c10::OptionalDeviceGuard guard(q.device());  // the row kernels launch on the current device's stream
   const Favor f = make_favor(q, k, v, features, key_padding_mask, kernel_fn, scale, /*with_work=*/false);
   if (f.Lq == 0 || f.Lk == 0 || f.B * f.H == 0)  // no admissible key: 0, as for fully padded rows
@@ -333,7 +334,7 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
                                                       const at::Tensor& features, const OptTensor& key_padding_mask,
                                                       c10::string_view kernel_fn, bool causal,
                                                       std::optional<double> scale, std::array<bool, 5> needs) {
-  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal, scale);
   const c10::OptionalDeviceGuard guard(q.device());
   const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
   const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();

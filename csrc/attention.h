@@ -20,7 +20,7 @@ constexpr double kAttentionEps = 1e-30;  // the reference's EPS: floor of the de
 
 // The checks of attention.py's _check, with the same messages.
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                     const OptTensor& mask, c10::string_view kernel_fn, bool causal);
+                     const OptTensor& mask, c10::string_view kernel_fn, bool causal, std::optional<double> scale);
 
 // float64 stays float64, everything else is computed in float32 (as the reference does).
 at::ScalarType attention_work_dtype(const at::Tensor& q);

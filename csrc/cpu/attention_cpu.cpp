@@ -18,6 +18,7 @@
 // count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -31,6 +32,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../attention.h"  // check_attention, key_bias, kAttentionEps
@@ -421,6 +423,45 @@ void forward_head(const Attention<T>& a, const Head<T>& h, const at::Tensor& out
   query_outputs(a, h, S, s.data(), out, 0, h.q.size(0));
 }
 
+// A state (M (m, r), v (m,)) summed over the chunks of a sequence: M += aᵀ b, v += Σ_t w_t a_t per chunk. In
+// float32, thousands of sequential chunk additions drift (the error grows with the position, 8× the
+// reference's at 32k tokens), so the sums are kept in double and M, v (what the chunk GEMMs read) are their
+// roundings, refreshed after each chunk: O(m·r) per chunk next to the chunk's O(C·m·r) GEMMs.
+template <typename T>
+struct RunningState {
+  at::Tensor M;
+  std::vector<T> v;
+
+  RunningState(int64_t m, int64_t r, const at::TensorOptions& options) : M(at::zeros({m, r}, options)), v(m, T(0)) {
+    if constexpr (!std::is_same_v<T, double>) {
+      M_sum = at::zeros({m, r}, options.dtype(at::kDouble));
+      chunk = at::empty({m, r}, options);
+      v_sum.assign(m, 0.0);
+      v_chunk.resize(m);
+    }
+  }
+
+  void add(const at::Tensor& a, const at::Tensor& b, const T* w) {
+    const int64_t n = a.size(0), m = a.size(1);
+    if constexpr (std::is_same_v<T, double>) {
+      M.addmm_(a.t(), b);
+      add_colsums(ptr<T>(a), n, m, w, v.data());
+    } else {
+      mm(chunk, a.t(), b);
+      M_sum.add_(chunk);
+      M.copy_(M_sum);
+      std::fill(v_chunk.begin(), v_chunk.end(), T(0));
+      add_colsums(ptr<T>(a), n, m, w, v_chunk.data());
+      for (int64_t j = 0; j < m; ++j) v[j] = static_cast<T>(v_sum[j] += v_chunk[j]);
+    }
+  }
+
+ private:
+  at::Tensor M_sum, chunk;  // double sums and a T scratch (T = float only)
+  std::vector<double> v_sum;
+  std::vector<T> v_chunk;
+};
+
 // (n, n) contiguous view of the first n² entries of a flat buffer.
 at::Tensor square(const at::Tensor& buffer, int64_t n) {
   return buffer.narrow(0, 0, n * n).view({n, n});
@@ -434,8 +475,11 @@ void causal_forward_head(const Attention<T>& a, const Head<T>& h, const at::Tens
   const auto options = h.q.options();
   Features<T> fq(kChunk, a.m, options), fk(kChunk, a.m, options);
   const T stab = key_stabiliser(a, h, fk);
-  at::Tensor S = at::zeros({a.m, dv}, options), A = at::empty({kChunk * kChunk}, options);
-  std::vector<T> s(a.m, T(0)), den(kChunk);
+  RunningState<T> prefix(a.m, dv, options);
+  const at::Tensor& S = prefix.M;
+  const std::vector<T>& s = prefix.v;
+  at::Tensor A = at::empty({kChunk * kChunk}, options);
+  std::vector<T> den(kChunk);
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int64_t n = std::min(kChunk, L - t0);
     const at::Tensor vc = h.v.narrow(0, t0, n);
@@ -449,8 +493,7 @@ void causal_forward_head(const Attention<T>& a, const Head<T>& h, const at::Tens
     ob.addmm_(An, vc);
     rows_dot(ptr<T>(fq.phi), n, a.m, s.data(), den.data(), true);
     normalise(ptr<T>(ob), n, dv, den.data());
-    S.addmm_(fk.phi.t(), vc);
-    add_colsums(ptr<T>(fk.phi), n, a.m, static_cast<const T*>(nullptr), s.data());
+    prefix.add(fk.phi, vc, nullptr);
   }
 }
 
@@ -545,10 +588,13 @@ void causal_backward_head(const Attention<T>& a, const Head<T>& h, const at::Ten
   const auto options = h.q.options();
   Features<T> fq(kChunk, a.m, options), fk(kChunk, a.m, options);
   const T stab = key_stabiliser(a, h, fk);
-  at::Tensor S = at::zeros({a.m, dv}, options), A = at::empty({kChunk * kChunk}, options);
+  RunningState<T> prefix(a.m, dv, options);
+  const at::Tensor& S = prefix.M;
+  const std::vector<T>& s = prefix.v;
+  at::Tensor A = at::empty({kChunk * kChunk}, options);
   at::Tensor OUT = at::empty({kChunk, dv}, options), GPhi = at::empty({kChunk, a.m}, options);
   at::Tensor GN = at::empty({L, dv}, options);  // g_num of the whole pair: linear in L
-  std::vector<T> s(a.m, T(0)), den(kChunk), gden(L);
+  std::vector<T> den(kChunk), gden(L);
   const bool query_grads = gr.gq.defined() || gr.gW.defined();
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int64_t n = std::min(kChunk, L - t0);
@@ -575,13 +621,13 @@ void causal_backward_head(const Attention<T>& a, const Head<T>& h, const at::Ten
       add_outer(ptr<T>(gp), n, a.m, static_cast<const T*>(gd), static_cast<const T*>(s.data()));
       fq.backward(a, qc, nullptr, gp, maybe_rows(gr.gq, t0, n), gr.gW);
     }
-    S.addmm_(fk.phi.t(), vc);
-    add_colsums(ptr<T>(fk.phi), n, a.m, static_cast<const T*>(nullptr), s.data());
+    prefix.add(fk.phi, vc, nullptr);
   }
   const bool key_grads = gr.gk.defined() || gr.gW.defined() || gr.gbias;
   if (!key_grads && !gr.gv.defined()) return;
-  at::Tensor Gv = at::zeros({a.m, dv}, options);
-  std::vector<T> Gs(a.m, T(0));
+  RunningState<T> suffix(a.m, dv, options);
+  const at::Tensor& Gv = suffix.M;
+  const std::vector<T>& Gs = suffix.v;
   for (int64_t t0 = (L - 1) / kChunk * kChunk; t0 >= 0; t0 -= kChunk) {
     const int64_t n = std::min(kChunk, L - t0);
     const at::Tensor kc = h.k.narrow(0, t0, n), vc = h.v.narrow(0, t0, n), gn = GN.narrow(0, t0, n);
@@ -608,8 +654,7 @@ void causal_backward_head(const Attention<T>& a, const Head<T>& h, const at::Ten
       fk.backward(a, kc, bias, gp, maybe_rows(gr.gk, t0, n), gr.gW);
       if (gr.gbias) std::copy(fk.gbias.begin(), fk.gbias.begin() + n, gr.gbias + t0);
     }
-    Gv.addmm_(fq.phi.t(), gn);
-    add_colsums(ptr<T>(fq.phi), n, a.m, gd, Gs.data());
+    suffix.add(fq.phi, gn, gd);
   }
 }
 
@@ -646,8 +691,12 @@ void for_each_pair(int64_t pairs, const F& f) {
   const int threads = at::get_num_threads();
   if (pairs > 0 && threads > 1 && !at::in_parallel_region()) {
     std::exception_ptr error;
+    // OpenMP workers start with default thread-local state: under torch.inference_mode() the outputs are
+    // inference tensors, which their in-place GEMMs could not write without the caller's state.
+    const at::ThreadLocalState caller_state;
 #pragma omp parallel num_threads(threads)
     {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
       const int64_t slot = omp_get_thread_num(), team = omp_get_num_threads();
       const int64_t chunk = (pairs + team - 1) / team, begin = slot * chunk, end = std::min(pairs, begin + chunk);
       try {
@@ -691,7 +740,8 @@ T parallel_key_state(const Attention<T>& a, const Head<T>& h, at::Tensor& S, T* 
     c_parts[slot] = key_state(a, part, f, S_parts[slot], s_parts[slot].data());
   });
   const auto admissible = [&](int slot) {
-    return S_parts[slot].defined() && std::any_of(s_parts[slot].begin(), s_parts[slot].end(), [](T x) { return x > 0; });
+    // A part whose keys are all padded has an exactly zero state; any other (NaN included) is summed.
+    return S_parts[slot].defined() && std::any_of(s_parts[slot].begin(), s_parts[slot].end(), [](T x) { return x != T(0); });
   };
   T c = -std::numeric_limits<T>::infinity();
   for (int slot = 0; slot < threads; ++slot) {
@@ -737,7 +787,7 @@ void backward_head_parallel(const Attention<T>& a, const Head<T>& h, const at::T
     Gs_parts[slot].assign(a.m, T(0));
     backward_queries(a, h, g, slot_grads(slot), S, s.data(), t0, t1, Gv_parts[slot], Gs_parts[slot].data());
   });
-  if (!needs_key_pass(gr)) return;
+  if (!needs_key_pass(slot_grads(0))) return;  // gr.gW is undefined here: the W gradient lives in gW_of
   at::Tensor Gv = at::zeros({a.m, dv}, options);
   std::vector<T> Gs(a.m, T(0));
   for (int slot = 0; slot < threads; ++slot) {
@@ -763,7 +813,7 @@ bool split_pairs(int64_t pairs, bool causal) { return !causal && pairs < at::get
 at::Tensor performer_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& features, const OptTensor& key_padding_mask,
                                    c10::string_view kernel_fn, bool causal, std::optional<double> scale) {
-  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal, scale);
   count_call("performer_attention.cpu");
   const at::ScalarType dtype = attention_work_dtype(q);
   const at::Tensor qw = unit_rows(q, dtype), kw = unit_rows(k, dtype), vw = unit_rows(v, dtype);
@@ -792,7 +842,7 @@ AttentionGrads performer_attention_backward_cpu(const at::Tensor& g_out, const a
                                                 const at::Tensor& v, const at::Tensor& features,
                                                 const OptTensor& key_padding_mask, c10::string_view kernel_fn,
                                                 bool causal, std::optional<double> scale, std::array<bool, 5> needs) {
-  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal);
+  check_attention(q, k, v, features, key_padding_mask, kernel_fn, causal, scale);
   count_call("performer_attention_backward.cpu");
   const bool need_q = needs[0], need_k = needs[1], need_v = needs[2], need_W = needs[3];
   const bool need_mask = needs[4] && key_padding_mask && key_padding_mask->is_floating_point();

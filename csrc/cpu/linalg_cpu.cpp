@@ -231,7 +231,9 @@ at::Tensor sparse_sketch_cpu(const at::Tensor& A, const at::Tensor& rows, const 
   count_call("sparse_sketch.cpu");
   const at::Tensor v = compute_dtype(vals);
   at::Tensor a = compute_dtype_strided(A);
-  const bool col_major = a.stride(0) == 1 && a.size(1) > 1 && a.stride(1) >= a.size(0);
+  // The panel path holds a (sketch_size, kPanel) scratch per thread: with fewer than kPanel columns that is
+  // more than the output itself, and the transposing copy it saves is small.
+  const bool col_major = a.stride(0) == 1 && a.size(1) >= kPanel && a.stride(1) >= a.size(0);
   if (!col_major) a = a.contiguous();
   const int64_t n = a.size(0), c = a.size(1), nnz = r.size(1);
   at::Tensor out = at::zeros({sketch_size, c}, a.options());

@@ -53,8 +53,10 @@ EPS = 1e-30
 
 # ---- checks --------------------------------------------------------------------------------------------
 def _check(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_padding_mask: Optional[Tensor], kernel: str,
-           causal: bool) -> None:
+           causal: bool, scale: Optional[float]) -> None:
     name = "performer_attention"
+    torch._check(scale is None or scale >= 0,
+                 lambda: f"{name}: scale must be >= 0 (the logits are scale·q·k), got {scale}")
     torch._check(kernel in KERNELS, lambda: f"{name}: kernel must be one of {KERNELS}, got {kernel!r}")
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: f"{name}: q, k, v must be (B, H, L, d), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
@@ -222,7 +224,7 @@ def performer_attention_reference(q: Tensor, k: Tensor, v: Tensor, features: Ten
                                   key_padding_mask: Optional[Tensor] = None, *, kernel: str = "softmax",
                                   causal: bool = False, scale: Optional[float] = None) -> Tensor:
     """The op's math in plain differentiable PyTorch (same feature maps, same chunked products)."""
-    _check(q, k, v, features, key_padding_mask, kernel, causal)
+    _check(q, k, v, features, key_padding_mask, kernel, causal, scale)
     return _forward_parts(q, k, v, features, key_padding_mask, kernel, causal, scale)[0].to(q.dtype)
 
 
@@ -234,7 +236,7 @@ def performer_attention_op(q: Tensor, k: Tensor, v: Tensor, features: Tensor,
                            key_padding_mask: Optional[Tensor] = None, *, kernel_fn: str = "softmax",
                            causal: bool = False, scale: Optional[float] = None) -> Tensor:
     """``torch.ops.panther.performer_attention``; see :func:`performer_attention`."""
-    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     with torch.no_grad():
         return _forward_parts(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)[0].to(q.dtype)
 
@@ -254,7 +256,7 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_p
 
 @performer_attention_op.register_fake
 def _(q, k, v, features, key_padding_mask=None, *, kernel_fn="softmax", causal=False, scale=None):
-    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
@@ -280,7 +282,7 @@ def performer_attention_backward(g_out, q, k, v, features, key_padding_mask, ker
     causal: the same sums over s ≤ t (queries) and t ≥ s (keys). The feature maps' own backward follows
     (:func:`_feature_map_backward`). Features are recomputed from the inputs, not stored.
     """
-    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     need_q, need_k, need_v, need_W, need_mask = needs
     need_mask = need_mask and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point
     (out, den, den_c, phi_q, q_work, phi_k, k_work, v1, W, root_scale,
@@ -310,7 +312,7 @@ def performer_attention_backward(g_out, q, k, v, features, key_padding_mask, ker
 
 @performer_attention_backward.register_fake
 def _(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
-    _check(q, k, v, features, key_padding_mask, kernel_fn, causal)
+    _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     needs = list(needs)
     needs[4] = needs[4] and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point
     like = (q, k, v, features, key_padding_mask)
