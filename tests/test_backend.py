@@ -2,6 +2,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -229,10 +230,57 @@ def test_weight_changed_in_place_is_refactored():
     with torch.no_grad():
         compiled(x)
         model.fc2.weight.mul_(-0.5)
-        with pytest.warns(RuntimeWarning, match="weight of 'fc2' changed after compilation"):
+        with pytest.warns(RuntimeWarning, match="weight of 'fc2' is not the one its factors were computed from"):
             y = compiled(x)
         optimal = truncated(model, ["fc1", "fc2"], 16)(x)
     assert rel(y, optimal) < 1e-4
+
+
+FULL_RANK = {"defaults": {"method": "svd", "rank": 64, "force": True}}  # the rewrite computes the dense layer
+
+
+@pytest.mark.parametrize("use_inductor", [False, True])
+def test_another_instance_of_the_class_uses_its_own_weights(use_inductor):
+    """Dynamo reuses the graph compiled for a for b (parameters are inputs, guarded on shape, not identity);
+    b's weights come in as inputs, so its factors are recomputed from them instead of running a's."""
+    a, b = nn.Sequential(nn.Linear(64, 64)).eval(), nn.Sequential(nn.Linear(64, 64)).eval()
+    options = {"policy": FULL_RANK, "use_inductor": use_inductor}
+    ca, cb = (torch.compile(m, backend="panther", options=options) for m in (a, b))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert rel(ca(x), a(x)) < 1e-5
+        with pytest.warns(RuntimeWarning, match="another instance of the same module class"):
+            assert rel(cb(x), b(x)) < 1e-5
+        assert rel(ca(x), a(x)) < 1e-5
+
+
+@pytest.mark.parametrize("change", ["data", "parameter", "assign", "reset", "dtype"])
+def test_swapped_weight_storage_is_refactored(change):
+    """Weight changes that do not bump the version counter: a new storage, a new Parameter, a state dict
+    loaded with assign=True, a fresh compile after torch._dynamo.reset() (the factor cache outlives it), and
+    module.to(dtype)."""
+    model = nn.Sequential(nn.Linear(64, 64)).eval().requires_grad_(False)
+    compiled = torch.compile(model, backend="panther", options={"policy": FULL_RANK})
+    x = torch.randn(4, 64)
+    compiled(x)
+    new = torch.randn(64, 64)
+    if change == "data":
+        model[0].weight.data = new
+    elif change == "parameter":
+        model[0].weight = nn.Parameter(new, requires_grad=False)
+    elif change == "assign":
+        model.load_state_dict({"0.weight": new, "0.bias": model[0].bias.clone()}, assign=True)
+        model.requires_grad_(False)
+    elif change == "reset":
+        model[0].weight.data = new
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="panther", options={"policy": FULL_RANK})
+    else:
+        model.to(torch.float64)
+        x = x.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert rel(compiled(x), model(x)) < 1e-5
 
 
 def test_unknown_option_is_rejected():

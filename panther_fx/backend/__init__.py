@@ -66,14 +66,16 @@ def _split_options(options: dict[str, Any] | None, mode: str | None) -> tuple[di
 
 
 def _with_guard(compiled, guard: StaleFactorGuard):
-    """Check for weights changed since compilation before each call. ``functools.wraps`` keeps the
-    compiled callable's attributes (``_boxed_call``), so the calling convention is unchanged."""
+    """Check, before each call, that the factored weights are the ones passed in (see StaleFactorGuard).
+    ``functools.wraps`` keeps the compiled callable's attributes (``_boxed_call``), so the calling convention
+    is unchanged; a boxed call passes the inputs as one list."""
     if not guard:
         return compiled
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
-        guard.check()
+        boxed = len(args) == 1 and isinstance(args[0], list)
+        guard.check(args[0] if boxed else args)
         return compiled(*args, **kwargs)
 
     return run

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -45,9 +45,17 @@ class TrainingRewriteError(RuntimeError):
     """A matched weight requires grad while grad mode is on: baked factors would silently stop training."""
 
 
+def _state(weight: torch.Tensor) -> tuple:
+    """What identifies a weight's values short of reading them: its storage, dtype, device and version counter.
+    ``w.data = t`` and ``module.to(dtype)`` swap the storage without bumping ``_version``; writes through
+    ``w.data`` bump a counter of their own and are not seen (docs/limitations.md)."""
+    return weight.data_ptr(), weight.dtype, weight.device, weight._version
+
+
 class FactorCache:
-    """Factorizations keyed by (weight tensor, settings), valid while the weight's ``_version`` is unchanged,
-    so recompiles (dynamic shapes, train/eval flips) do not redo SVDs and a changed weight is refactored."""
+    """Factorizations keyed by (weight tensor, settings), valid while the weight's storage, dtype, device and
+    ``_version`` are unchanged, so recompiles (dynamic shapes, train/eval flips) do not redo SVDs and a changed
+    weight is refactored."""
 
     def __init__(self) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -55,10 +63,10 @@ class FactorCache:
     def get(self, weight: torch.Tensor, key: tuple, compute: Callable[[torch.Tensor], Any]) -> Any:
         per_weight = self._entries.setdefault(weight, {})
         hit = per_weight.get(key)
-        if hit is not None and hit[0] == weight._version:
+        if hit is not None and hit[0] == _state(weight):
             return hit[1]
         value = compute(weight)
-        per_weight[key] = (weight._version, value)
+        per_weight[key] = (_state(weight), value)
         return value
 
     def clear(self) -> None:
@@ -69,37 +77,48 @@ class FactorCache:
 class _Watched:
     path: str
     weight: torch.Tensor
-    version: int
+    state: tuple
     compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     buffers: dict[str, torch.Tensor]
+    input_index: Optional[int]  # the weight's position among the graph's inputs, when it is one
 
 
 class StaleFactorGuard:
-    """Notices weights changed in place after compilation and refactors them into the same buffers.
+    """Refactors, into the same buffers, the factors of a weight that is not the one they were computed from.
 
-    Compiled graphs take the factor buffers by reference (as static inputs under CUDA graphs), so updating
-    them in place keeps the compiled code valid without a recompile.
+    Two ways that happens: the weight changed after compilation (in place, or its storage was swapped), or
+    Dynamo reuses the graph for another instance of the same module class (parameters are graph inputs,
+    guarded on shape and dtype, not identity), which passes its own weights in as inputs. Compiled graphs take
+    the factor buffers by reference (as static inputs under CUDA graphs), so updating them in place keeps the
+    compiled code valid without a recompile.
     """
 
     def __init__(self) -> None:
         self._watched: list[_Watched] = []
 
-    def watch(self, path: str, weight: torch.Tensor, compute, buffers: dict[str, torch.Tensor]) -> None:
-        self._watched.append(_Watched(path, weight, weight._version, compute, buffers))
+    def watch(self, path: str, weight: torch.Tensor, compute, buffers: dict[str, torch.Tensor],
+              input_index: Optional[int]) -> None:
+        self._watched.append(_Watched(path, weight, _state(weight), compute, buffers, input_index))
 
     def __bool__(self) -> bool:
         return bool(self._watched)
 
-    def check(self) -> None:
+    def check(self, inputs: Sequence[Any]) -> None:
+        """Before a call with the graph's runtime ``inputs``."""
         for w in self._watched:
-            if w.weight._version == w.version:
+            current = w.weight
+            if w.input_index is not None and isinstance(inputs[w.input_index], torch.Tensor):
+                current = inputs[w.input_index]
+            if current is w.weight and _state(current) == w.state:
                 continue
             with torch.no_grad():
-                for name, value in w.compute(w.weight).items():
+                for name, value in w.compute(current).items():
                     w.buffers[name].copy_(value)
-            w.version = w.weight._version
-            warnings.warn(f"panther: the weight of {w.path!r} changed after compilation; its factors were "
-                          "recomputed. Training belongs in panther_fx.convert.", RuntimeWarning, stacklevel=3)
+            w.weight, w.state = current, _state(current)
+            warnings.warn(f"panther: the weight of {w.path!r} is not the one its factors were computed from (it "
+                          "changed after compilation, or the compiled graph runs another instance of the same "
+                          "module class); they were recomputed. Training belongs in panther_fx.convert.",
+                          RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -122,6 +141,7 @@ class RewriteContext:
     def __post_init__(self) -> None:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self._values = dict(zip(placeholders, self.example_inputs))
+        self._input_index = {id(v): i for i, v in enumerate(self.example_inputs) if isinstance(v, torch.Tensor)}
 
     def real_value(self, node: Any) -> torch.Tensor | None:
         """The real tensor behind a placeholder (a parameter or buffer of the model), else None."""
@@ -158,7 +178,7 @@ class RewriteContext:
         if id(factors) not in self._factor_nodes:
             self._factor_nodes[id(factors)] = {name: self.add_constant(f"{path}_{name}", t)
                                                for name, t in factors.items()}
-            self.guard.watch(path, weight, compute, factors)
+            self.guard.watch(path, weight, compute, factors, self._input_index.get(id(weight)))
         return self._factor_nodes[id(factors)]
 
     def replace_node(self, node: fx.Node, new: fx.Node) -> None:
