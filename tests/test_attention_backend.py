@@ -244,6 +244,41 @@ def test_sdpa_masks_causal_and_refusals():
         assert "dropout_p = 0.2" in _rows()[0].reason
 
 
+class LengthScaledSDPA(torch.nn.Module):
+    """A softmax scale that depends on the sequence length: symbolic once that length is."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0 / q.shape[2])
+
+
+def test_symbolic_scale_gives_the_same_estimator_as_a_constant_one():
+    """The symbolic scale is split over q and k, so the Performer sees u·√scale on both sides, as with the
+    op's scale argument (all of it on q gave the same logits but a 10–20× noisier estimate)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 64, 32, generator=g) for _ in range(3))
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 2)
+    with torch.no_grad():
+        out = _compile(LengthScaledSDPA(), use_inductor=False)(q, k, v)
+    assert type(_rows()[0].shape[1]) is not int and _rows()[0].status == "rewritten"
+    W = orthogonal_features(128, 32, generator=layer_generator(0, ""))
+    torch.testing.assert_close(out, torch.ops.panther.performer_attention(q, k, v, W, scale=1.0 / 64))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 10)])
+def test_masks_broadcast_over_batch_or_keys(shape):
+    """SDPA broadcasts a (B, 1, 1, 1) or (1, 1, 1, 1) mask over the keys; the key mask must be expanded."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 10, 8, generator=g) * 0.3 for _ in range(3))
+    bias = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        out = _compile(SDPA(), use_inductor=False)(q, k, v, bias)
+    assert _rows()[0].status == "rewritten"
+    W = orthogonal_features(128, 8, generator=layer_generator(0, ""))
+    keys = bias[:, 0, 0, :].expand(2, 10)
+    torch.testing.assert_close(out, torch.ops.panther.performer_attention(q, k, v, W, keys))
+
+
 def test_symbolic_head_dim_is_left_alone_with_reason():
     """dynamic=True makes the head dim of a bare SDPA symbolic; the feature matrix needs it fixed."""
     q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))

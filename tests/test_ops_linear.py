@@ -128,3 +128,8 @@ def test_autocast_runs_in_the_current_autocast_dtype(dtype):
         assert panther.sketched_linear(*sketched_inputs()).dtype == dtype
         assert torch.nn.functional.linear(x, A @ B, b).dtype == dtype  # the ATen op they replace
     assert panther.lowrank_linear(x, A, B, b).dtype == torch.float32
+    # float64 is not autocast (ATen's rule): a float64 layer keeps its precision inside the region.
+    x, A, B, b = (t.double() for t in (x, A, B, b))
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.nn.functional.linear(x, A @ B, b).dtype == torch.float64
+        torch.testing.assert_close(panther.lowrank_linear(x, A, B, b), torch.nn.functional.linear(x, A @ B, b))

@@ -15,7 +15,9 @@ _LIB = torch.library.Library("panther", "IMPL")
 
 
 def _cast(value, device_type: str, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+    # float64 is left alone, as ATen's autocast does (its is_eligible): a float64 layer stays float64.
+    if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+            and value.device.type == device_type):
         return value.to(dtype)
     return value
 

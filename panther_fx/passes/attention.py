@@ -68,20 +68,22 @@ _PASSTHROUGH_METHODS = {"to", "expand", "expand_as", "contiguous", "bool", "floa
 
 
 # ---- helpers executed inside the rewritten graph ----------------------------------------------------------
-def sdpa_key_padding(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def sdpa_key_padding(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """A query-independent SDPA ``attn_mask`` (broadcastable to (B, H, Lq, Lk)) as the op's (B, Lk) key mask.
 
     SDPA bool masks mean True = attend, the op's bool masks True = ignore; float masks are additive in both.
     """
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    keys = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1])
+    keys = mask[:, 0, 0, :].expand(query.shape[0], key.shape[-2])  # the batch and key dims may broadcast
     return ~keys if keys.dtype == torch.bool else keys
 
 
-def scale_queries(query: torch.Tensor, scale: float) -> torch.Tensor:
-    """q·scale·√d, so that the op's default 1/√d scaling yields logits scale·qᵀk."""
-    return query * (scale * query.shape[-1] ** 0.5)
+def split_scale(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """q or k times (scale·√d)^½: with both scaled, the op's default 1/√d yields logits scale·qᵀk, and its
+    feature maps see u·√scale on both sides, exactly as with ``scale=`` (the positive-feature estimator is not
+    invariant to moving the whole scale onto q: that raised its error up to 20×)."""
+    return t * (scale * t.shape[-1] ** 0.5) ** 0.5
 
 
 def performer_mha_node(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -370,13 +372,14 @@ def _rewrite_sdpa(ctx: RewriteContext, node: fx.Node, prover: _MaskProver) -> No
         features = ctx.add_constant(f"{path}_features", W)
         mask = None
         if args["attn_mask"] is not None:
-            mask = graph.call_function(sdpa_key_padding, (args["attn_mask"], args["query"]))
-        query, scale = args["query"], args["scale"]
-        if isinstance(scale, fx.Node):  # a symbolic scale (dynamic shapes): fold it into q, keep 1/√d in the op
-            query = graph.call_function(scale_queries, (query, scale))
+            mask = graph.call_function(sdpa_key_padding, (args["attn_mask"], args["query"], args["key"]))
+        query, key, scale = args["query"], args["key"], args["scale"]
+        if isinstance(scale, fx.Node):  # a symbolic scale (dynamic shapes): fold it into q and k
+            query = graph.call_function(split_scale, (query, scale))
+            key = graph.call_function(split_scale, (key, scale))
             scale = None
         new = graph.call_function(torch.ops.panther.performer_attention.default,
-                                  (query, args["key"], args["value"], features, mask),
+                                  (query, key, args["value"], features, mask),
                                   {"kernel_fn": decision.kernel, "causal": args["is_causal"],
                                    "scale": None if scale is None else float(scale)})
     ctx.replace_node(node, new)
