@@ -283,6 +283,29 @@ def test_swapped_weight_storage_is_refactored(change):
         assert rel(compiled(x), model(x)) < 1e-5
 
 
+class TiedHead(nn.Module):
+    """An output head tied to the input embedding, written as F.linear on the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body = nn.Embedding(100, 64), nn.Linear(64, 64)
+
+    def forward(self, ids):
+        return nn.functional.linear(self.body(self.embed(ids)), self.embed.weight)
+
+
+def test_functional_linear_on_another_modules_parameter_stays_dense():
+    """inspect and convert see nn.Linear modules only, so the backend must not factor the tied head either."""
+    model = TiedHead().eval().requires_grad_(False)
+    ids = torch.randint(0, 100, (2, 5))
+    out = torch.compile(model, backend="panther", options={"policy": {"defaults": {"method": "svd", "rank": 8}}})(ids)
+    rows = {r.path: r for r in last_report()}
+    assert rows["body"].status == "rewritten"
+    assert rows[""].status == "dense" and "parameter of 'embed'" in rows[""].reason
+    factored_body = truncated(model, ["body"], 8)(ids)
+    assert rel(out, factored_body) < 1e-5
+
+
 def test_unknown_option_is_rejected():
     compiled = torch.compile(make_mlp(), backend="panther", options={"policy": POLICY, "polcy": 1})
     with pytest.raises(Exception, match="unknown option.*'polcy'"):

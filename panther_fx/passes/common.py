@@ -41,6 +41,28 @@ def module_path(node: fx.Node) -> str:
     return _INDEX.sub(r".\1", _ROOT.sub("", path))
 
 
+_PARAMETER_SOURCE = re.compile(r"^L\['[^']+'\]((?:\._modules\['[^']+'\])*)\._parameters\['[^']+'\]$")
+
+
+def parameter_owner(node: Any) -> str | None:
+    """Dotted path of the module that owns the parameter behind a placeholder (``L['self']._modules['embed']
+    ._parameters['weight']`` -> ``embed``), or None when the placeholder is not a module's parameter."""
+    grapharg = node.meta.get("grapharg") if isinstance(node, fx.Node) and node.op == "placeholder" else None
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", None)
+    match = _PARAMETER_SOURCE.match(name() if callable(name) else str(name)) if source is not None else None
+    if match is None:
+        return None
+    return ".".join(re.findall(r"\['([^']+)'\]", match.group(1)))
+
+
+def calling_module_type(node: fx.Node) -> type | None:
+    """Class of the innermost module whose forward produced ``node``; None at the compiled callable's top level."""
+    stack = node.meta.get("nn_module_stack")
+    kind = list(stack.values())[-1][1] if stack else None
+    return kind if isinstance(kind, type) else None
+
+
 class TrainingRewriteError(RuntimeError):
     """A matched weight requires grad while grad mode is on: baked factors would silently stop training."""
 
