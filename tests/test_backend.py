@@ -306,6 +306,15 @@ def test_functional_linear_on_another_modules_parameter_stays_dense():
     assert rel(out, factored_body) < 1e-5
 
 
+def test_model_built_under_inference_mode():
+    """Its parameters are inference tensors, which have no version counter."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(64, 64)).eval()
+        x = torch.randn(4, 64)
+        out = torch.compile(model, backend="panther", options={"policy": FULL_RANK})(x)
+        assert rel(out, model(x)) < 1e-5
+
+
 def test_unknown_option_is_rejected():
     compiled = torch.compile(make_mlp(), backend="panther", options={"policy": POLICY, "polcy": 1})
     with pytest.raises(Exception, match="unknown option.*'polcy'"):

@@ -71,7 +71,8 @@ def _state(weight: torch.Tensor) -> tuple:
     """What identifies a weight's values short of reading them: its storage, dtype, device and version counter.
     ``w.data = t`` and ``module.to(dtype)`` swap the storage without bumping ``_version``; writes through
     ``w.data`` bump a counter of their own and are not seen (docs/limitations.md)."""
-    return weight.data_ptr(), weight.dtype, weight.device, weight._version
+    # Inference tensors have no version counter, and cannot be changed outside inference mode anyway.
+    return weight.data_ptr(), weight.dtype, weight.device, 0 if weight.is_inference() else weight._version
 
 
 class FactorCache:

@@ -18,6 +18,8 @@ number (1-based) and the offending key and value.
 
 from __future__ import annotations
 
+import math
+
 import difflib
 import tomllib
 import warnings
@@ -50,8 +52,9 @@ _SETTINGS: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None]]] = {
     "oversample": ((int,), lambda v: None if v >= 0 else "must be >= 0"),
     "n_iter": ((int,), lambda v: None if v >= 0 else "must be >= 0"),
     "seed": ((int,), lambda v: None),
-    "damping": ((float, int), lambda v: None if v >= 0 else "must be >= 0"),
-    "min_speedup": ((float, int), lambda v: None if v > 0 else "must be > 0"),
+    # Relative to the mean Gram diagonal: beyond ~1e3 asvd is plain svd, and a huge λ overflows the Gram.
+    "damping": ((float, int), lambda v: None if 0 <= v <= 1e3 else "must be in [0, 1000]"),
+    "min_speedup": ((float, int), lambda v: None if 0 < v < math.inf else "must be finite and > 0"),
     "force": ((bool,), lambda v: None),
     "features": ((int,), lambda v: None if v >= 1 else "must be >= 1"),
     "kernel": ((str,), lambda v: None if v in KERNELS else f"must be one of {', '.join(KERNELS)}"),
