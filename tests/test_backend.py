@@ -315,6 +315,23 @@ def test_model_built_under_inference_mode():
         assert rel(out, model(x)) < 1e-5
 
 
+def test_factorization_errors_name_the_layer_and_non_finite_factors_stay_dense():
+    from panther_fx.calibration import calibrate
+
+    model = nn.Sequential(nn.Linear(64, 64)).eval().requires_grad_(False)
+    batches = [torch.randn(16, 64), torch.randn(16, 64)]  # 32 tokens for 64 features: a singular XᵀX
+    policy = {"defaults": {"method": "asvd", "rank": 8, "damping": 0.0}}
+    compiled = torch.compile(model, backend="panther", options={"policy": policy, "calibration": calibrate(model, batches)})
+    with pytest.raises(Exception, match=r"<dict>: defaults: layer '0': whitening: .* increase the damping"):
+        compiled(batches[0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    torch.compile(model, backend="panther", options={"policy": {"defaults": {"method": "svd", "rank": 8}}})(batches[0])
+    (row,) = last_report()
+    assert row.status == "dense" and "not finite" in row.reason
+
+
 def test_unknown_option_is_rejected():
     compiled = torch.compile(make_mlp(), backend="panther", options={"policy": POLICY, "polcy": 1})
     with pytest.raises(Exception, match="unknown option.*'polcy'"):

@@ -42,7 +42,7 @@ def policy(min_speedup: float) -> dict:
 
 def test_min_speedup_is_validated():
     Policy.load(policy(1.5))
-    with pytest.raises(PolicyError, match=r"min_speedup = 0 must be > 0"):
+    with pytest.raises(PolicyError, match=r"min_speedup = 0 must be finite and > 0"):
         Policy.load(policy(0))
     with pytest.raises(PolicyError, match=r"min_speedup = '2' must be a float or an integer"):
         Policy.load({"defaults": {"method": "svd", "rank": 8, "min_speedup": "2"}})

@@ -119,7 +119,13 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
     key = (decision.method, decision.rank, decision.num_terms, decision.low_rank, decision.oversample,
            decision.n_iter, decision.seed, decision.damping, path, *_gram_key(gram))
     compute = partial(factorize_linear, decision=decision, gram=gram)
-    factors = cache.get(weight, key, compute)
+    try:
+        factors = cache.get(weight, key, compute)
+    except ValueError as e:  # e.g. asvd's whitening of a singular Gram matrix: say which layer and rule
+        raise ValueError(f"{policy.source}: {decision.origin}: layer {path!r}: {e}") from e
+    if not all(torch.isfinite(t).all() for t in factors.values()):
+        return _dense_plan(replace(decision, method="dense", reason=f"{decision.method} factors of the weight "
+                                   "are not finite (a weight with Inf/NaN, or an overflow): left dense"), O, I)
     after = factored_params(decision.method, I, O, rank=decision.rank, num_terms=decision.num_terms,
                             low_rank=decision.low_rank)
     rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
