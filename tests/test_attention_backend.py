@@ -279,6 +279,15 @@ def test_masks_broadcast_over_batch_or_keys(shape):
     torch.testing.assert_close(out, torch.ops.panther.performer_attention(q, k, v, W, keys))
 
 
+def test_autocast_runs_the_performer_in_the_autocast_dtype_like_sdpa():
+    q, k, v = (torch.randn(2, 2, 8, 8) for _ in range(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SDPA()(q, k, v).dtype == torch.bfloat16
+        assert _compile(SDPA())(q, k, v).dtype == torch.bfloat16
+        W = orthogonal_features(16, 8, generator=0)
+        assert torch.ops.panther.performer_attention(q.double(), k.double(), v.double(), W).dtype == torch.float64
+
+
 def test_symbolic_head_dim_is_left_alone_with_reason():
     """dynamic=True makes the head dim of a bare SDPA symbolic; the feature matrix needs it fixed."""
     q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))

@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_to_lower_precision
+
 __all__ = ["performer_attention", "performer_attention_op", "performer_attention_backward",
            "performer_attention_reference",
            "performer_multi_head_attention", "causal_product", "anticausal_product", "CAUSAL_CHUNK", "EPS", "KERNELS"]
@@ -329,6 +331,8 @@ def _backward(ctx, g_out):
 
 
 performer_attention_op.register_autograd(_backward, setup_context=_setup)
+# q, k, v in the autocast dtype, as SDPA; the feature matrix and a float mask keep their precision.
+autocast_to_lower_precision("panther::performer_attention", cast_args=3)
 
 
 # ---- multi-head attention (functional) -------------------------------------------------------------------
