@@ -61,3 +61,7 @@ def test_inspect_model_reports_attention_and_counts_attention_rules():
     rows = {r.path: r for r in report}
     assert rows["attn"].status == "rewritten" and rows["attn"].method == "performer" and rows["attn"].rank == 64
     assert rows["attn.out_proj"].status == "dense"
+    # A policy that would factor every Linear: MHA's out_proj still stays dense, as in the backend and convert.
+    report = inspect_model(Block(), Policy.load({"defaults": {"method": "svd", "rank": 8}}))
+    row = {r.path: r for r in report}["attn.out_proj"]
+    assert row.status == "dense" and "MHA reads directly" in row.reason

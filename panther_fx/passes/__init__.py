@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..policy import Policy
 from ..report import LayerReport, Report
@@ -30,7 +31,14 @@ def inspect_model(model: nn.Module, policy: Policy, *, calibration: Any = None) 
     decisions = []
     cache = FactorCache()
     for path, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if type(module) is NonDynamicallyQuantizableLinear:
+            # MHA's out_proj: its weight is read by F.multi_head_attention_forward, never by a linear node.
+            decisions.append(policy.decide(path, "linear", in_features=module.in_features,
+                                           out_features=module.out_features))
+            report.append(LayerReport(path, "linear", "dense", tuple(module.weight.shape), "dense",
+                                      reason="nn.MultiheadAttention's out_proj, whose weight MHA reads directly "
+                                             "(use op = 'attention')"))
+        elif isinstance(module, nn.Linear):
             plan = plan_linear(path, module.weight, policy, cache, calibration=calibration)
             decisions.append(plan.decision)
             report.append(plan.report)
