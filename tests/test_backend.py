@@ -332,6 +332,32 @@ def test_factorization_errors_name_the_layer_and_non_finite_factors_stay_dense()
     assert row.status == "dense" and "not finite" in row.reason
 
 
+class BrokenGraph(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+def test_graph_break_merges_the_report_and_pools_the_rules():
+    """Two graphs: last_report() holds both layers, and the rule for 'a' (used by the first graph) is not
+    reported unused by the second; a rule no graph uses is warned about once."""
+    policy = {"rule": [{"match": "a", "method": "svd", "rank": 8}, {"match": "b", "method": "svd", "rank": 8},
+                       {"match": "zzz", "method": "svd", "rank": 8}]}
+    compiled = torch.compile(BrokenGraph().eval().requires_grad_(False), backend="panther", options={"policy": policy})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (3, 5):
+            compiled(torch.randn(n, 64))
+    assert [(r.path, r.status) for r in last_report()] == [("a", "rewritten"), ("b", "rewritten")]
+    unused = [str(w.message) for w in caught if "matched no layer" in str(w.message)]
+    assert not any("'a'" in m for m in unused) and sum("'zzz'" in m for m in unused) == 1
+
+
 def test_unknown_option_is_rejected():
     compiled = torch.compile(make_mlp(), backend="panther", options={"policy": POLICY, "polcy": 1})
     with pytest.raises(Exception, match="unknown option.*'polcy'"):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -34,7 +36,25 @@ __all__ = ["panther_backend", "last_report", "BackendOptionError"]
 
 _OWN_OPTIONS = ("policy", "mode", "verbose", "allow_training", "calibration", "use_inductor", "inductor")
 _FACTOR_CACHE = FactorCache()
-_LAST: dict[str, Report] = {"report": Report()}
+
+
+@dataclass
+class _Session:
+    """The graphs of one ``torch.compile`` call, which share its options dict: a graph break splits a model into
+    several graphs, whose report rows are merged (a recompile replaces a layer's row) and whose rules are
+    pooled, so that a rule used by one graph is not reported unused by another."""
+
+    options: Any = None
+    report: Report = field(default_factory=Report)
+    used: set = field(default_factory=set)
+    warned: set = field(default_factory=set)
+
+    def add(self, report: Report) -> None:
+        fresh = {(r.path, r.op) for r in report}
+        self.report[:] = [r for r in self.report if (r.path, r.op) not in fresh] + list(report)
+
+
+_SESSION = {"current": _Session()}
 
 
 class BackendOptionError(ValueError):
@@ -42,8 +62,8 @@ class BackendOptionError(ValueError):
 
 
 def last_report() -> Report:
-    """The per-layer report of the most recent graph the backend compiled."""
-    return _LAST["report"]
+    """The per-layer report of the most recent ``torch.compile`` call: the rows of all its graphs so far."""
+    return _SESSION["current"].report
 
 
 def _split_options(options: dict[str, Any] | None, mode: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -89,9 +109,11 @@ def panther_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: 
     ctx = rewrite_graph(gm, example_inputs, policy, cache=_FACTOR_CACHE,
                         allow_training=bool(own.get("allow_training", False)),
                         calibration=own.get("calibration"))
-    if policy.rules:
-        policy.warn_unused(ctx.decisions)
-    _LAST["report"] = ctx.report
+    session = _SESSION["current"]
+    if options is None or session.options is not options:
+        session = _SESSION["current"] = _Session(options)
+    session.add(ctx.report)
+    _warn_unused_rules(policy, ctx, session)
     if own.get("verbose", False) or os.environ.get("PANTHER_VERBOSE") == "1":
         print(f"panther: policy {policy.source}\n{ctx.report.table()}")
     if not own.get("use_inductor", True):
@@ -99,6 +121,17 @@ def panther_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: 
     from torch._inductor.compile_fx import compile_fx
 
     return _with_guard(compile_fx(gm, example_inputs, config_patches=patches), ctx.guard)
+
+
+def _warn_unused_rules(policy, ctx, session: _Session) -> None:
+    """Warn once per compile call about each rule no graph compiled so far has used."""
+    session.used |= {d.rule_index for d in ctx.decisions}
+    for rule in policy.rules:
+        if rule.index not in session.used and rule.index not in session.warned:
+            session.warned.add(rule.index)
+            warnings.warn(f"{policy.source}: rule {rule.index} (match = {rule.match!r}) matched no layer (of the "
+                          "graphs compiled so far; after a graph break a later graph may still use it)",
+                          UserWarning, stacklevel=3)
 
 
 def compile(model: torch.nn.Module, policy: Any, **options: Any):
