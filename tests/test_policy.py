@@ -97,6 +97,8 @@ def test_sketch_break_even_counts_both_terms():
     ('[[rule]]\nmatch = "a"\nmethod = "fft"\n', ["rule 1", "method = 'fft'", "svd"]),
     ('[[rule]]\nmatch = "a"\nop = "conv3d"\n', ["rule 1", "op = 'conv3d'"]),
     ('[[rule]]\nmatch = "a"\nop = "attention"\nmethod = "svd"\n', ["rule 1", "does not apply to op = 'attention'"]),
+    ('[defaults]\nmethod = "svd"\nrank = 0.25\n[[rule]]\nmatch = "a"\nop = "attention"\n',
+     ["rule 1", "method = 'svd' (inherited from [defaults]", "does not apply to op = 'attention'"]),
     ('[[rule]]\nmatch = "a"\nforce = 1\n', ["rule 1", "force = 1", "a boolean"]),
     ('[[rule]]\nmatch = "a"\ndamping = -0.1\n', ["rule 1", "damping = -0.1", "in [0, 1000]"]),
     ('[[rule]]\nmatch = "a"\ndamping = inf\n', ["rule 1", "damping = inf", "in [0, 1000]"]),

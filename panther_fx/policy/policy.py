@@ -227,7 +227,8 @@ class Policy:
             raise PolicyError(f"{where}: match = {pattern!r}: {e}") from None
         method = settings.get("method", defaults.get("method"))
         if op is not None and method is not None and method not in METHODS_BY_OP[op]:
-            raise PolicyError(f"{where}: method = {method!r} does not apply to op = {op!r} "
+            inherited = "" if "method" in settings else " (inherited from [defaults]; set method in the rule)"
+            raise PolicyError(f"{where}: method = {method!r}{inherited} does not apply to op = {op!r} "
                               f"(allowed: {', '.join(METHODS_BY_OP[op])})")
         return Rule(index, pattern, op, settings, matches)
 
