@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
@@ -356,6 +357,29 @@ def test_graph_break_merges_the_report_and_pools_the_rules():
     assert [(r.path, r.status) for r in last_report()] == [("a", "rewritten"), ("b", "rewritten")]
     unused = [str(w.message) for w in caught if "matched no layer" in str(w.message)]
     assert not any("'a'" in m for m in unused) and sum("'zzz'" in m for m in unused) == 1
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.conv = nn.Linear(64, 64), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, image):
+        inner = torch.utils.checkpoint.checkpoint(lambda x, image: (self.a(x), self.conv(image)), x, image,
+                                                  use_reentrant=False)
+        return inner
+
+
+def test_layers_inside_higher_order_ops_get_a_dense_row_and_count_their_rule():
+    policy = {"rule": [{"match": "a", "method": "svd", "rank": 4}, {"match": "conv", "op": "conv2d", "rank": 2}]}
+    model = Checkpointed().eval().requires_grad_(False)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="panther", options={"policy": policy})(torch.randn(2, 64), torch.randn(1, 4, 8, 8))
+    assert not [w for w in caught if "matched no layer" in str(w.message)]
+    rows = {(r.path, r.op): r for r in last_report()}
+    for key in (("a", "linear"), ("conv", "conv2d")):
+        assert rows[key].status == "dense" and "higher-order op" in rows[key].reason
 
 
 def test_unknown_option_is_rejected():

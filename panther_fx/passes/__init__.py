@@ -11,7 +11,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..policy import Policy
 from ..report import LayerReport, Report
-from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, module_path
+from .common import FactorCache, RewriteContext, StaleFactorGuard, TrainingRewriteError, example_value, module_path
 from .linear import LINEAR_TARGETS, LinearPlan, factorize_linear, plan_linear, rewrite_linear
 from .conv2d import CONV2D_TARGETS, ConvPlan, factorize_conv2d, plan_conv2d, rewrite_conv2d
 from .attention import rewrite_attention
@@ -66,6 +66,27 @@ def _attention_dry_run(decision, module: nn.MultiheadAttention) -> LayerReport:
                        reason="dry run: masks and need_weights are checked when the graph is compiled")
 
 
+def _report_nested_layers(ctx: RewriteContext) -> None:
+    """Linear and conv layers inside higher-order ops (torch.utils.checkpoint, torch.cond: their bodies are
+    sub-GraphModules) stay as they are; give each a report row, so that a rule naming one is not reported
+    unused and the report still lists every layer."""
+    for name, sub in ctx.gm.named_modules():
+        if sub is ctx.gm or not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            op = ("linear" if node.target in LINEAR_TARGETS else "conv2d" if node.target in CONV2D_TARGETS
+                  else None) if node.op == "call_function" else None
+            weight = example_value(node.args[1]) if op and len(node.args) > 1 else None
+            if weight is None:
+                continue
+            path = module_path(node)
+            # conv2d: in_features = C_in/groups·kh·kw, as the conv pass passes it
+            decision = ctx.policy.decide(path, op, in_features=weight[0].numel(), out_features=weight.shape[0])
+            why = (f"inside the higher-order op body {name!r} (torch.utils.checkpoint, torch.cond, ...): "
+                   "not rewritten") if decision.rewrites else decision.reason
+            ctx.record(decision, LayerReport(path, op, "dense", tuple(weight.shape), "dense", reason=why))
+
+
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Policy, *,
                   cache: FactorCache | None = None, allow_training: bool = False,
                   calibration: Any = None) -> RewriteContext:
@@ -74,6 +95,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], policy: Pol
                          calibration=calibration)
     for rewrite in PASSES:
         rewrite(ctx)
+    _report_nested_layers(ctx)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
