@@ -71,8 +71,12 @@ def _state(weight: torch.Tensor) -> tuple:
     """What identifies a weight's values short of reading them: its storage, dtype, device and version counter.
     ``w.data = t`` and ``module.to(dtype)`` swap the storage without bumping ``_version``; writes through
     ``w.data`` bump a counter of their own and are not seen (docs/limitations.md)."""
+    return weight.data_ptr(), weight.dtype, weight.device, _version(weight)
+
+
+def _version(weight: torch.Tensor) -> int:
     # Inference tensors have no version counter, and cannot be changed outside inference mode anyway.
-    return weight.data_ptr(), weight.dtype, weight.device, 0 if weight.is_inference() else weight._version
+    return 0 if weight.is_inference() else weight._version
 
 
 class FactorCache:
@@ -132,7 +136,9 @@ class StaleFactorGuard:
             current = w.weight
             if w.input_index is not None and isinstance(inputs[w.input_index], torch.Tensor):
                 current = inputs[w.input_index]
-            if current is w.weight and _state(current) == w.state:
+            # The per-call fast path (every forward): same tensor, storage and version. A dtype or device change
+            # comes with a new storage.
+            if current is w.weight and _version(current) == w.state[3] and current.data_ptr() == w.state[0]:
                 continue
             with torch.no_grad():
                 for name, value in w.compute(current).items():
