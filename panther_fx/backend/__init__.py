@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -113,7 +112,12 @@ def panther_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: 
     if options is None or session.options is not options:
         session = _SESSION["current"] = _Session(options)
     session.add(ctx.report)
-    _warn_unused_rules(policy, ctx, session)
+    # Once per compile call, for each rule no graph compiled so far has used.
+    session.used |= {d.rule_index for d in ctx.decisions}
+    unused = policy.warn_unused((), skip=session.used | session.warned,
+                                note=" (of the graphs compiled so far; after a graph break a later graph may "
+                                     "still use it)")
+    session.warned |= {rule.index for rule in unused}
     if own.get("verbose", False) or os.environ.get("PANTHER_VERBOSE") == "1":
         print(f"panther: policy {policy.source}\n{ctx.report.table()}")
     if not own.get("use_inductor", True):
@@ -121,17 +125,6 @@ def panther_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: 
     from torch._inductor.compile_fx import compile_fx
 
     return _with_guard(compile_fx(gm, example_inputs, config_patches=patches), ctx.guard)
-
-
-def _warn_unused_rules(policy, ctx, session: _Session) -> None:
-    """Warn once per compile call about each rule no graph compiled so far has used."""
-    session.used |= {d.rule_index for d in ctx.decisions}
-    for rule in policy.rules:
-        if rule.index not in session.used and rule.index not in session.warned:
-            session.warned.add(rule.index)
-            warnings.warn(f"{policy.source}: rule {rule.index} (match = {rule.match!r}) matched no layer (of the "
-                          "graphs compiled so far; after a graph break a later graph may still use it)",
-                          UserWarning, stacklevel=3)
 
 
 def compile(model: torch.nn.Module, policy: Any, **options: Any):

@@ -136,9 +136,9 @@ class StaleFactorGuard:
             current = w.weight
             if w.input_index is not None and isinstance(inputs[w.input_index], torch.Tensor):
                 current = inputs[w.input_index]
-            # The per-call fast path (every forward): same tensor, storage and version. A dtype or device change
-            # comes with a new storage.
-            if current is w.weight and _version(current) == w.state[3] and current.data_ptr() == w.state[0]:
+            # The per-call fast path (every forward): same storage and version. Another tensor (another instance's
+            # weight, a swapped storage) and a dtype or device change all come with a new storage.
+            if current.data_ptr() == w.state[0] and _version(current) == w.state[3]:
                 continue
             with torch.no_grad():
                 for name, value in w.compute(current).items():

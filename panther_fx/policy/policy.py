@@ -301,12 +301,13 @@ class Policy:
             raise PolicyError(f"{where}: rank = {rank} exceeds min(I, O) = {smallest} of layer {path!r}")
         return rank
 
-    def warn_unused(self, decisions: Iterable[Decision]) -> list[Rule]:
-        """Warn about every rule that matched none of ``decisions``' layers; return those rules."""
-        used = {d.rule_index for d in decisions}
+    def warn_unused(self, decisions: Iterable[Decision], *, skip: Iterable[int] = (), note: str = "") -> list[Rule]:
+        """Warn about every rule that matched none of ``decisions``' layers, except the rule indices in
+        ``skip``; return those rules. ``note`` is appended to each warning."""
+        used = {d.rule_index for d in decisions} | set(skip)
         unused = [r for r in self.rules if r.index not in used]
         for rule in unused:
-            warnings.warn(f"{self.source}: rule {rule.index} (match = {rule.match!r}) matched no layer",
+            warnings.warn(f"{self.source}: rule {rule.index} (match = {rule.match!r}) matched no layer{note}",
                           UserWarning, stacklevel=3)
         return unused
 
