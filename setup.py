@@ -50,8 +50,11 @@ def ext_modules():
     else:
         extension = CppExtension
     print(f"panther_fx: building {extension.__name__} from {len(sources)} sources")
-    return [extension("panther_fx._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"],
-                      py_limited_api=True)]
+    # -lstdc++ before the driver's implicit one: a toolchain that links the C++ runtime statically
+    # (-static-libstdc++, seen on the H100 image) gives the extension a second, uninitialised copy of iostreams
+    # next to torch's, and the first TORCH_CHECK message that formats an integer segfaulted.
+    link = ["-fopenmp", "-lstdc++"]
+    return [extension("panther_fx._C", sources, extra_compile_args=flags, extra_link_args=link, py_limited_api=True)]
 
 
 def cmdclass():

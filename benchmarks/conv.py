@@ -89,7 +89,7 @@ def main() -> None:
             rows.append((k, size, c, method, rank, f"{params(dense) / params(module):.1f}",
                          f"{fwd[base]:.3f}", f"{fwd[key]:.3f}", f"{fwd[base] / fwd[key]:.2f}",
                          f"{bwd[base]:.3f}", f"{bwd[key]:.3f}", f"{bwd[base] / bwd[key]:.2f}"))
-        print(f"done k={k} size={size} C={c}", flush=True)
+        print(tabulate(rows[-len(modules) + 1:], tablefmt="plain"), flush=True)  # survives a killed run
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, median of {args.iters} "
           "interleaved rounds\n")

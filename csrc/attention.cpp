@@ -365,7 +365,8 @@ AttentionGrads performer_attention_backward_composite(const at::Tensor& g_out, c
   const FeatureGrads gq = feature_backward(f, g_phi_q, r.phi_q, r.Xq, f.qg, f.qw, at::Tensor(), need_q, need_W);
   const FeatureGrads gk = feature_backward(f, g_phi_k, r.phi_k, r.Xk, f.kg, f.kw, f.bias_rows, need_k, need_W);
   const auto cast = [&](bool need, const at::Tensor& t, const at::Tensor& like) -> OptTensor {
-    return need ? OptTensor(t.reshape(like.sizes()).to(like.scalar_type())) : std::nullopt;
+    // contiguous: ∂v is a view of the (dv + 1)-wide ∂[v 1], and the fake promises dense gradients
+    return need ? OptTensor(t.reshape(like.sizes()).to(like.scalar_type()).contiguous()) : std::nullopt;
   };
   return {cast(need_q, gq.u, q), cast(need_k, gk.u, k), need_v ? cast(true, g_v1.narrow(2, 0, f.dv), v) : std::nullopt,
           need_W ? OptTensor((gq.W + gk.W).to(features.scalar_type())) : std::nullopt,

@@ -31,7 +31,9 @@ build() {
     PANTHER_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
       || { tail -50 "$out/build.log"; exit 1; }
   else
-    $PY -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+    $PY -m pip install -v --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+    # the C++ runtime must be torch's shared one (setup.py)
+    readelf -d panther_fx/_C.abi3.so | grep -q 'libstdc++' || echo "WARNING: _C.abi3.so does not link libstdc++.so"
     gzip -c panther_fx/_C.abi3.so > "$out/_C.abi3.so.gz"
   fi
   $PY -c "import panther_fx, json; print(json.dumps(panther_fx.kernel_info(), indent=1))" | tee "$out/kernel_info.json"

@@ -29,7 +29,10 @@ constexpr int64_t kMaxRank = 1024;
 
 // Limits of the fused path (tunable for measurements through panther::_cuda_fused_limits).
 std::atomic<int64_t> g_fused_max_tokens{256};
-std::atomic<int64_t> g_fused_max_work{int64_t{1} << 22};  // tokens * in_features * rank
+// tokens * in_features * rank. Each block recomputes the rank-r intermediate, so the kernel only beats cuBLAS
+// where that work is tiny: on an H100 (bf16) it won at 1 token of 1024x1024, r = 32, and lost up to 8x at
+// 1 token of 8192x8192, r = 512 (docs/benchmarks-linear.md).
+std::atomic<int64_t> g_fused_max_work{int64_t{1} << 17};
 
 // Factor pointers of one call. lowrank: A (O, R), B (R, I). sketched: S1, U2 (L, I, k); U1, S2 (L, k, O).
 template <typename scalar_t>
