@@ -50,10 +50,10 @@ def ext_modules():
     else:
         extension = CppExtension
     print(f"panther_fx: building {extension.__name__} from {len(sources)} sources")
-    # -lstdc++ before the driver's implicit one: a toolchain that links the C++ runtime statically
-    # (-static-libstdc++, seen on the H100 image) gives the extension a second, uninitialised copy of iostreams
-    # next to torch's, and the first TORCH_CHECK message that formats an integer segfaulted.
-    link = ["-fopenmp", "-lstdc++"]
+    # The shared C++ runtime by file name, ahead of the driver's implicit -lstdc++: the H100 image's g++
+    # (/opt/gcc) only finds a static libstdc++.a, which gave the extension a second, uninitialised copy of
+    # iostreams next to torch's, and the first TORCH_CHECK message that formatted an integer segfaulted.
+    link = ["-fopenmp", "-l:libstdc++.so.6"]
     return [extension("panther_fx._C", sources, extra_compile_args=flags, extra_link_args=link, py_limited_api=True)]
 
 
