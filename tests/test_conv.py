@@ -406,3 +406,14 @@ def test_ops_on_cuda_match_cpu(monkeypatch):
         got = op(x.cuda(), first.cuda(), mix.cuda(), b.cuda(), *args)
         torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
         torch.library.opcheck(op, (x.cuda(), first.cuda(), mix.cuda(), b.cuda(), *args))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kwargs", [(LowRankConv2d, {"rank": 4}), (SKConv2d, {"num_terms": 1, "low_rank": 2})])
+def test_seeded_layer_built_on_cuda_equals_the_cpu_one(cls, kwargs):
+    # The seed's CPU generator draws the initial weights; building on CUDA used to draw there and raise.
+    on_cpu = cls(4, 8, 3, padding=1, seed=3, **kwargs)
+    on_cuda = cls(4, 8, 3, padding=1, device="cuda", seed=3, **kwargs)
+    for (name, expected), got in zip(on_cpu.state_dict().items(), on_cuda.state_dict().values()):
+        assert got.device.type == "cuda", name
+        torch.testing.assert_close(got.cpu(), expected)

@@ -81,16 +81,20 @@ class _FactoredConv2d(nn.Module):
     def _set_bias(self, bias: Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().contiguous())
 
-    def _fresh_bias(self, generator: torch.Generator, **factory) -> Tensor:
+    # Draws happen on the generator's device and are then moved, so a seed gives the same layer everywhere
+    # (and a CPU generator can initialise a CUDA layer).
+    def _fresh_bias(self, generator: torch.Generator, *, device, dtype) -> Tensor:
         """U(±1/√fan_in) with fan_in = C/G·kh·kw, as ``nn.Conv2d`` draws it."""
         bound = 1.0 / math.sqrt(self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1])
-        return torch.empty(self.out_channels, **factory).uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(self.out_channels, dtype=dtype, device=generator.device)
+        return bias.uniform_(-bound, bound, generator=generator).to(device)
 
-    def _conv_like_kernel(self, filters: int, generator: torch.Generator, **factory) -> Tensor:
+    def _conv_like_kernel(self, filters: int, generator: torch.Generator, *, device, dtype) -> Tensor:
         """A (filters, C/G, kh, kw) kernel drawn as ``nn.Conv2d`` draws it: U(±1/√fan_in)."""
-        K = torch.empty(filters, self.in_channels // self.groups, *self.kernel_size, **factory)
+        K = torch.empty(filters, self.in_channels // self.groups, *self.kernel_size, dtype=dtype,
+                        device=generator.device)
         nn.init.kaiming_uniform_(K, a=math.sqrt(5), generator=generator)
-        return K
+        return K.to(device)
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -122,7 +126,8 @@ class LowRankConv2d(_FactoredConv2d):
         generator = _generator(seed)
         V = self._conv_like_kernel(rank, generator, **factory)
         a = math.sqrt(3.0 * groups / rank)
-        U = torch.empty(out_channels, rank // groups, 1, 1, **factory).uniform_(-a, a, generator=generator)
+        U = torch.empty(out_channels, rank // groups, 1, 1, dtype=factory["dtype"], device=generator.device)
+        U = U.uniform_(-a, a, generator=generator).to(device)
         self._set_factors(V, U, self._fresh_bias(generator, **factory) if bias else None)
 
     def _set_factors(self, V: Tensor, U: Tensor, bias: Tensor | None) -> None:
