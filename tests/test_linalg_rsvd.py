@@ -1,12 +1,23 @@
 """rsvd: near-optimal error (<= 1.05x the truncated SVD) on fast and slow spectral decay with every sketch,
 batches, wide inputs, the tol mode, reproducibility and errors."""
 
+import importlib
+
 import pytest
 import torch
 
 from panther_fx.linalg import SKETCHES, rsvd
 
+rsvd_module = importlib.import_module("panther_fx.linalg.rsvd")  # the package's rsvd is the function
+
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["householder", "cholesky_qr2"])
+def orthonormalization(request, monkeypatch):
+    """Every test with both bases: Householder QR (the CPU's) and CholeskyQR2 (CUDA's, forced here)."""
+    monkeypatch.setattr(rsvd_module, "_prefer_cholesky_qr", lambda t: request.param == "cholesky_qr2")
+    return request.param
 
 
 def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0, batch: tuple = ()) -> torch.Tensor:
@@ -59,7 +70,7 @@ def test_batch_every_matrix_near_optimal():
         assert (ratios <= 1.05).all(), ratios
 
 
-def test_gaussian_draws_unchanged():
+def test_gaussian_draws_unchanged(orthonormalization):
     """The default path keeps its exact draws: lowrank.svd_factors and the policies depend on them."""
     A = with_spectrum(120, 50, DECAYS["slow"][:50])
     g = torch.Generator().manual_seed(3)
@@ -69,7 +80,10 @@ def test_gaussian_draws_unchanged():
         Q = torch.linalg.qr(A @ torch.linalg.qr(A.mT @ Q).Q).Q
     Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
     U2, S2, Vh2 = rsvd(A, 5, generator=3)
-    torch.testing.assert_close(U2, (Q @ Ub)[:, :5], rtol=0, atol=1e-13)
+    U = (Q @ Ub)[:, :5]
+    if orthonormalization == "cholesky_qr2":  # other bases of the same spans: singular vectors up to sign
+        U2 = U2 * (U2 * U).sum(0).sign()
+    torch.testing.assert_close(U2, U, rtol=0, atol=1e-13)
     torch.testing.assert_close(S2, S[:5], rtol=0, atol=1e-13)
 
 
@@ -130,3 +144,18 @@ def test_cuda_matches_quality():
         assert U.is_cuda and rel_to_optimal(A, U, S, Vh, s.cuda(), 10) <= 1.05
     U, S, Vh = rsvd(A, None, tol=1e-2, generator=0)
     assert torch.linalg.norm(A - (U * S) @ Vh) <= 1e-2 * torch.linalg.norm(A)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+def test_cholesky_qr2_is_orthonormal_and_exact_at_moderate_condition(cond):
+    Y = with_spectrum(500, 40, torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 40, dtype=F64))
+    Q, R = rsvd_module._cholesky_qr2(Y.float())
+    assert Q.dtype == torch.float32 and R.dtype == F64
+    assert (Q.double().mT @ Q.double() - torch.eye(40, dtype=F64)).abs().max() < 1e-6
+    assert torch.linalg.norm(Q.double() @ R - Y) / torch.linalg.norm(Y) < 1e-6
+    assert torch.equal(R, R.triu())
+
+
+def test_cholesky_qr2_declines_a_numerically_rank_deficient_matrix():
+    Y = with_spectrum(500, 40, torch.logspace(0, -12, 40, dtype=F64))
+    assert rsvd_module._cholesky_qr2(Y) is None

@@ -65,13 +65,57 @@ def rsvd(A: Tensor, rank: int | None, *, oversample: int = 10, n_iter: int = 2,
     gen = as_generator(generator)
     if tol is None:
         Q = _range_finder(A, min(rank + oversample, n), n_iter, sketch, gen)
-        Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
+        Ub, S, Vh = _small_svd(Q.mT @ A)
         return (Q @ Ub)[..., :rank], S[..., :rank], Vh[..., :rank, :]
     return _rsvd_tol(A, rank or n, tol, n_iter, sketch, gen, block_size)
 
 
 def _orth(Y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of Y (..., m, l), m >= l, in Y's dtype.
+
+    On CUDA: CholeskyQR2 (:func:`_cholesky_qr2`), two GEMM-rich passes; Householder QR's column-by-column
+    panels took 2.7 ms of each 8192 x 266 basis on an H100 and 13 of rsvd's 29 ms. Elsewhere, and when Y is
+    too ill-conditioned for Cholesky, Householder QR (LAPACK's blocked QR is the faster one on a CPU).
+    """
+    if _prefer_cholesky_qr(Y):
+        QR = _cholesky_qr2(Y)
+        if QR is not None:
+            return QR[0]
     return torch.linalg.qr(Y).Q
+
+
+def _prefer_cholesky_qr(t: Tensor) -> bool:
+    return t.is_cuda
+
+
+def _cholesky_qr2(Y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Y = Q R by two Cholesky QR passes in float64 (Q in Y's dtype, R float64), or None when a Gram matrix is
+    not numerically positive definite.
+
+    Each pass: G = YᵀY = LLᵀ, Y <- Y L⁻ᵀ. In float64 the first pass leaves ‖QᵀQ − I‖ ~ 1e-16·cond(Y)², which
+    the second brings to rounding level, so it holds up to cond(Y) ~ 1e7 (Yamamoto et al. 2015); beyond that
+    Cholesky fails and the caller falls back to Householder QR. One host sync per pass reads the Cholesky status.
+    """
+    Q, R = Y.double(), None
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        if bool((info != 0).any()):
+            return None
+        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
+        R = L.mT if R is None else L.mT @ R
+    return Q.to(Y.dtype), R
+
+
+def _small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the wide B (..., l, n), l <= n. On CUDA through Bᵀ = Q R (:func:`_cholesky_qr2`) and the SVD of
+    the small Rᵀ = Ũ S Ṽᵀ, so B = Ũ S (Q Ṽ)ᵀ: the direct SVD of an 266 x 8192 B took 9.3 ms on an H100."""
+    if _prefer_cholesky_qr(B) and B.shape[-1] >= 2 * B.shape[-2]:
+        QR = _cholesky_qr2(B.mT)
+        if QR is not None:
+            Q, R = QR
+            Ur, S, Vhr = torch.linalg.svd(R.mT, full_matrices=False)
+            return Ur.to(B.dtype), S.to(B.dtype), (Q @ Vhr.mT.to(B.dtype)).mT
+    return torch.linalg.svd(B, full_matrices=False)
 
 
 def _range_finder(A: Tensor, width: int, n_iter: int, sketch: str, gen: torch.Generator) -> Tensor:
