@@ -6,12 +6,12 @@ Build decision:
   the install: a silent fallback would hide missing kernels. ``panther-fx info`` reports what is active.
 - ``PANTHER_BUILD_EXT=0`` skips the extension; the pure-PyTorch op bodies then run on every device (and
   ``PANTHER_NO_EXT=1`` at run time ignores a built extension).
-- ``PANTHER_CUDA=0|1`` chooses the CUDA sources; the default is 0. The CUDA kernels compile but have not yet
-  been run on a GPU, and an unvalidated kernel must not replace correct cuBLAS results behind a user's back:
-  without them the ops run their PyTorch bodies on CUDA (cuBLAS GEMMs in the op's dtype). ``PANTHER_CUDA=1``
-  builds them (torch must be a CUDA build with a toolkit at CUDA_HOME); without a visible GPU set
-  TORCH_CUDA_ARCH_LIST (default here "8.0;9.0") and, if nvcc's parent directory lacks lib64/libcudart,
-  CUDA_HOME to the toolkit root.
+- ``PANTHER_CUDA=0|1`` chooses the CUDA sources; by default they are built when torch is a CUDA build and a
+  CUDA toolkit is found (CUDA_HOME), and skipped with a printed note otherwise (the ops then run their
+  PyTorch bodies on CUDA: cuBLAS GEMMs in the op's dtype). ``PANTHER_CUDA=1`` makes a missing toolkit an
+  error, ``PANTHER_CUDA=0`` builds the CPU kernels only. Without a visible GPU set TORCH_CUDA_ARCH_LIST
+  (default here "8.0;9.0") and, if nvcc's parent directory lacks lib64/libcudart, CUDA_HOME to the toolkit
+  root. The CUDA kernels were validated on an H100 (torch 2.11.0+cu130, nvcc 13.0): scripts/gpu_validate.sh.
 - The extension is abi3 (``py_limited_api``: one build per torch version for every supported CPython), has no
   pybind module (a dummy ``PyInit__C``) and only registers ``TORCH_LIBRARY_IMPL(panther, CPU|CUDA)`` kernels
   for ops whose schemas live in ``panther_fx/ops``. It is built against one torch version; rebuild after
@@ -30,13 +30,17 @@ def ext_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    want = os.environ.get("PANTHER_CUDA", "0")
-    if want not in ("0", "1"):
-        raise ValueError(f"PANTHER_CUDA must be 0 or 1, got {want!r}")
-    use_cuda = want == "1"
-    if use_cuda and (torch.version.cuda is None or CUDA_HOME is None):
+    want = os.environ.get("PANTHER_CUDA", "auto")
+    if want not in ("0", "1", "auto"):
+        raise ValueError(f"PANTHER_CUDA must be 0, 1 or unset, got {want!r}")
+    cuda_found = torch.version.cuda is not None and CUDA_HOME is not None
+    if want == "1" and not cuda_found:
         raise RuntimeError(f"PANTHER_CUDA=1 needs a CUDA build of torch (this is {torch.__version__}) and a CUDA "
                            f"toolkit (CUDA_HOME={CUDA_HOME})")
+    use_cuda = want == "1" or (want == "auto" and cuda_found)
+    if want == "auto" and torch.version.cuda is not None and CUDA_HOME is None:
+        print("panther_fx: torch is a CUDA build but no CUDA toolkit was found (set CUDA_HOME): building the CPU "
+              "kernels only; the ops run their PyTorch bodies on CUDA")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return []

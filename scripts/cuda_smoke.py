@@ -72,6 +72,9 @@ def main() -> int:
     # linear ops: the fused small-token kernel (1, 2, 4 and 8 token tiles; several input chunks and output tiles;
     # lowrank ranks over 16 warps; sketched R = 2Lk below, equal to and not dividing 512) and the GEMM path
     I, O = 300, 600
+    # the cases up to 256 tokens all through the fused kernel: its default limit (tokens·in·rank <= 2^17) would
+    # send the larger ones to cuBLAS
+    torch.ops.panther._cuda_fused_limits(256, 2**40)
     for tokens, R, (L, k) in ((1, 48, (4, 64)), (2, 16, (3, 7)), (3, 8, (2, 8)), (7, 48, (4, 64)), (300, 16, (2, 8))):
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
             x, bias = randn(tokens, I, seed=5, dtype=dtype), randn(O, seed=6, dtype=dtype)

@@ -154,7 +154,7 @@ def test_causal_prefix_keeps_float32_precision_when_one_chunk_dominates(body):
 
 # ---- CUDA: the registered kernels -----------------------------------------------------------------------------
 needs_cuda_kernels = pytest.mark.skipif(not OPS.get("performer_attention", {}).get("cuda", False),
-                                        reason="CUDA kernels not built (build with PANTHER_CUDA=1)")
+                                        reason="CUDA kernels not built (needs a CUDA toolkit at install time, or PANTHER_CUDA=1)")
 
 
 def to_cuda(tensors):

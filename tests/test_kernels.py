@@ -207,11 +207,11 @@ def test_degenerate_sizes_match_the_reference(device, tokens):
 
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
-CUDA_TOKENS = [(1,), (7,), (3, 50), (300,), (4, 256)]  # fused kernel up to 256 tokens, cuBLAS above
-# The CUDA kernels are opt-in at build time (PANTHER_CUDA=1, setup.py); without them the ops' PyTorch bodies
+CUDA_TOKENS = [(1,), (7,), (3, 50), (300,), (4, 256)]  # fused kernel while tokens·in·rank <= 2^17, cuBLAS above
+# The CUDA kernels are built when a CUDA toolkit is found (setup.py); without them the ops' PyTorch bodies
 # run on CUDA and the tests below that do not count native calls still check them.
 needs_cuda_ext = pytest.mark.skipif(not panther_fx.kernel_info()["ops"]["lowrank_linear"]["cuda"],
-                                    reason="CUDA kernels not built (build with PANTHER_CUDA=1)")
+                                    reason="CUDA kernels not built (needs a CUDA toolkit at install time, or PANTHER_CUDA=1)")
 
 
 @pytest.mark.cuda

@@ -209,7 +209,7 @@ def test_sparse_sketch_opcheck_and_backward_dispatch_native():
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 needs_cuda_kernels = pytest.mark.skipif(not panther_fx.kernel_info()["ops"]["fwht"]["cuda"],
-                                        reason="CUDA kernels not built (build with PANTHER_CUDA=1)")
+                                        reason="CUDA kernels not built (needs a CUDA toolkit at install time, or PANTHER_CUDA=1)")
 
 
 @pytest.mark.cuda

@@ -25,8 +25,8 @@ The backward pass is the op ``panther::performer_attention_backward`` (so that n
 for it too): explicit (no recomputation through autograd), with the same chunked products, so it is linear in L
 as well; the features are recomputed from the saved inputs rather than stored.
 
-``panther_fx._C`` registers fused CPU kernels for both ops (csrc/cpu/attention_cpu.cpp) and, in a ``PANTHER_CUDA=1``
-build, CUDA kernels (csrc/cuda/attention_cuda.cu: batched GEMMs with fused row kernels, bfloat16 GEMM operands for
+``panther_fx._C`` registers fused CPU kernels for both ops (csrc/cpu/attention_cpu.cpp) and, in a CUDA build,
+CUDA kernels (csrc/cuda/attention_cuda.cu: batched GEMMs with fused row kernels, bfloat16 GEMM operands for
 bfloat16 inputs, see docs/attention.md); the Python bodies here are their reference and the fallback
 elsewhere.
 """
