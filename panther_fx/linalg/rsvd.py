@@ -108,7 +108,7 @@ def _cholesky_qr2(Y: Tensor) -> tuple[Tensor, Tensor] | None:
 
 def _small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of the wide B (..., l, n), l <= n. On CUDA through Bᵀ = Q R (:func:`_cholesky_qr2`) and the SVD of
-    the small Rᵀ = Ũ S Ṽᵀ, so B = Ũ S (Q Ṽ)ᵀ: the direct SVD of an 266 x 8192 B took 9.3 ms on an H100."""
+    the small Rᵀ = Ũ S Ṽᵀ, so B = Ũ S (Q Ṽ)ᵀ: the direct SVD of a 266 x 8192 B took 9.3 ms on an H100."""
     if _prefer_cholesky_qr(B) and B.shape[-1] >= 2 * B.shape[-2]:
         QR = _cholesky_qr2(B.mT)
         if QR is not None:
