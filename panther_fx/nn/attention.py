@@ -26,13 +26,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..linalg import as_generator
 from ..linalg.features import orthogonal_features, redraw_features_
 from ..ops.attention import KERNELS, performer_multi_head_attention
+from ._init import Seed, seeded_generator
 
 __all__ = ["RandMultiheadAttention"]
-
-Seed = int | torch.Generator | None
 
 
 class RandMultiheadAttention(nn.Module):
@@ -85,9 +83,7 @@ class RandMultiheadAttention(nn.Module):
         self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
-        if seed is None:  # like nn.Linear's weights: drawn from the default generator, honouring manual_seed
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-        self._generator = as_generator(seed)
+        self._generator = seeded_generator(seed)
         self.register_buffer("features", orthogonal_features(num_features, self.head_dim, generator=self._generator,
                                                              device=device))
         self._reset_parameters()

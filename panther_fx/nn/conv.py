@@ -19,22 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
-from ..linalg import as_generator
 from ..linalg.conv import (conv_sketch_factors, conv_svd_factors, conv_weight_from_lowrank,
                            conv_weight_from_sketch)
 from ..ops.conv2d import conv_padding
+from ._init import Seed, seeded_generator, uniform
 
 __all__ = ["LowRankConv2d", "SKConv2d"]
 
-Seed = int | torch.Generator | None
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _generator(seed: Seed) -> torch.Generator:
-    """The generator for ``seed``; None draws a seed from the default generator (honours torch.manual_seed)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    return as_generator(seed)
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -81,16 +73,14 @@ class _FactoredConv2d(nn.Module):
     def _set_bias(self, bias: Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().contiguous())
 
-    # Draws happen on the generator's device and are then moved, so a seed gives the same layer everywhere
-    # (and a CPU generator can initialise a CUDA layer).
-    def _fresh_bias(self, generator: torch.Generator, *, device, dtype) -> Tensor:
+    def _fresh_bias(self, generator: torch.Generator, **factory) -> Tensor:
         """U(±1/√fan_in) with fan_in = C/G·kh·kw, as ``nn.Conv2d`` draws it."""
         bound = 1.0 / math.sqrt(self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1])
-        bias = torch.empty(self.out_channels, dtype=dtype, device=generator.device)
-        return bias.uniform_(-bound, bound, generator=generator).to(device)
+        return uniform((self.out_channels,), bound, generator, **factory)
 
     def _conv_like_kernel(self, filters: int, generator: torch.Generator, *, device, dtype) -> Tensor:
-        """A (filters, C/G, kh, kw) kernel drawn as ``nn.Conv2d`` draws it: U(±1/√fan_in)."""
+        """A (filters, C/G, kh, kw) kernel drawn as ``nn.Conv2d`` draws it: U(±1/√fan_in), on the generator's
+        device (:mod:`._init`)."""
         K = torch.empty(filters, self.in_channels // self.groups, *self.kernel_size, dtype=dtype,
                         device=generator.device)
         nn.init.kaiming_uniform_(K, a=math.sqrt(5), generator=generator)
@@ -123,11 +113,10 @@ class LowRankConv2d(_FactoredConv2d):
         if rank < 1 or rank % groups:
             raise ValueError(f"LowRankConv2d: rank={rank} must be a positive multiple of groups={groups}")
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         V = self._conv_like_kernel(rank, generator, **factory)
         a = math.sqrt(3.0 * groups / rank)
-        U = torch.empty(out_channels, rank // groups, 1, 1, dtype=factory["dtype"], device=generator.device)
-        U = U.uniform_(-a, a, generator=generator).to(device)
+        U = uniform((out_channels, rank // groups, 1, 1), a, generator, **factory)
         self._set_factors(V, U, self._fresh_bias(generator, **factory) if bias else None)
 
     def _set_factors(self, V: Tensor, U: Tensor, bias: Tensor | None) -> None:
@@ -159,7 +148,7 @@ class LowRankConv2d(_FactoredConv2d):
         if rank % conv.groups:
             raise ValueError(f"LowRankConv2d.from_dense: rank={rank} must be a multiple of groups={conv.groups}")
         V, U = conv_svd_factors(conv.weight, rank, groups=conv.groups, oversample=oversample, n_iter=n_iter,
-                                generator=_generator(seed))
+                                generator=seeded_generator(seed))
         return cls.from_factors(conv, {"V": V, "U": U})
 
     def dense_weight(self) -> Tensor:
@@ -197,7 +186,7 @@ class SKConv2d(_FactoredConv2d):
         if min(num_terms, low_rank) < 1:
             raise ValueError(f"SKConv2d: num_terms={num_terms} and low_rank={low_rank} must be >= 1")
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         K = self._conv_like_kernel(out_channels, generator, **factory)
         S1, U1 = conv_sketch_factors(K, num_terms, low_rank, groups=groups, generator=generator)
         with torch.no_grad():
@@ -229,7 +218,7 @@ class SKConv2d(_FactoredConv2d):
     def from_dense(cls, conv: nn.Conv2d, num_terms: int = 6, low_rank: int = 8, *, seed: Seed = 0) -> "SKConv2d":
         """Sketch ``conv.weight`` (:func:`panther_fx.linalg.conv.conv_sketch_factors`) and copy its bias."""
         S1, U1 = conv_sketch_factors(conv.weight, num_terms, low_rank, groups=conv.groups,
-                                     generator=_generator(seed))
+                                     generator=seeded_generator(seed))
         return cls.from_factors(conv, {"S1": S1, "U1": U1})
 
     def dense_weight(self) -> Tensor:

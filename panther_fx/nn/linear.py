@@ -19,33 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
-from ..linalg import as_generator, sketch_factors, sketch_weight, svd_factors
+from ..linalg import sketch_factors, sketch_weight, svd_factors
+from ._init import Seed, seeded_generator, uniform
 
 __all__ = ["SKLinear", "LowRankLinear"]
 
-Seed = int | torch.Generator | None
-
-
-def _generator(seed: Seed) -> torch.Generator:
-    """The generator for ``seed``; None draws a seed from the default generator (honours torch.manual_seed)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    return as_generator(seed)
-
-
-# Draws happen on the (CPU) generator's device and are then moved, so a seed gives the same layer everywhere.
-def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator, *, device, dtype) -> Tensor:
-    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator).to(device)
-
-
 def _linear_like_weight(out_features: int, in_features: int, generator: torch.Generator, **factory) -> Tensor:
-    """An (O, I) weight drawn as ``nn.Linear`` draws it: kaiming_uniform(a=√5) = U(±1/√I)."""
-    return _uniform((out_features, in_features), 1.0 / math.sqrt(in_features), generator, **factory)
+    """An (O, I) weight drawn as ``nn.Linear`` draws it: kaiminguniform(a=√5) = U(±1/√I)."""
+    return uniform((out_features, in_features), 1.0 / math.sqrt(in_features), generator, **factory)
 
 
 def _linear_like_bias(out_features: int, in_features: int, generator: torch.Generator, **factory) -> Tensor:
     """An (O,) bias drawn as ``nn.Linear`` draws it: U(±1/√I) (Panther used 1/√O)."""
-    return _uniform((out_features,), 1.0 / math.sqrt(in_features), generator, **factory)
+    return uniform((out_features,), 1.0 / math.sqrt(in_features), generator, **factory)
 
 
 def _copy_bias(linear: nn.Linear) -> Tensor | None:
@@ -75,7 +61,7 @@ class SKLinear(nn.Module):
             raise ValueError(f"SKLinear: in_features={in_features}, out_features={out_features}, "
                              f"num_terms={num_terms} and low_rank={low_rank} must all be >= 1")
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         if W_init is not None:
             if tuple(W_init.shape) != (out_features, in_features):
                 raise ValueError(f"SKLinear: W_init must be (out_features, in_features) = "
@@ -126,7 +112,7 @@ class SKLinear(nn.Module):
         The result is an unbiased but noisy estimate of the layer (relative error ≈ √((I+O)/(4Lk))): an
         initialisation for training, not post-training compression (use :class:`LowRankLinear` there).
         """
-        S1, S2, U1, U2 = sketch_factors(linear.weight, num_terms, low_rank, generator=_generator(seed))
+        S1, S2, U1, U2 = sketch_factors(linear.weight, num_terms, low_rank, generator=seeded_generator(seed))
         return cls.from_factors(S1, S2, U1, U2, _copy_bias(linear))
 
     def dense_weight(self) -> Tensor:
@@ -159,9 +145,9 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"LowRankLinear: in_features={in_features}, out_features={out_features} and "
                              f"rank={rank} must all be >= 1")
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         a = math.sqrt(3.0 / rank)
-        A = _uniform((out_features, rank), a, generator, **factory)
+        A = uniform((out_features, rank), a, generator, **factory)
         B = _linear_like_weight(rank, in_features, generator, **factory)
         b = _linear_like_bias(out_features, in_features, generator, **factory) if bias else None
         self._set_factors(A, B, b)
@@ -191,7 +177,7 @@ class LowRankLinear(nn.Module):
                    seed: Seed = 0) -> "LowRankLinear":
         """Best rank-``rank`` approximation of ``linear.weight`` by :func:`panther_fx.linalg.svd_factors`
         (exact SVD for small layers, randomized SVD otherwise), A = U√S, B = √S Vh; the bias is copied."""
-        A, B = svd_factors(linear.weight, rank, oversample=oversample, n_iter=n_iter, generator=_generator(seed))
+        A, B = svd_factors(linear.weight, rank, oversample=oversample, n_iter=n_iter, generator=seeded_generator(seed))
         return cls.from_factors(A, B, _copy_bias(linear))
 
     def dense_weight(self) -> Tensor:
