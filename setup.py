@@ -13,8 +13,8 @@ Build decision:
   (default here "8.0;9.0") and, if nvcc's parent directory lacks lib64/libcudart, CUDA_HOME to the toolkit
   root. The CUDA kernels were validated on an H100 (torch 2.11.0+cu130, nvcc 13.0): scripts/gpu_validate.sh.
 - The extension is abi3 (``py_limited_api``: one build per torch version for every supported CPython), has no
-  pybind module (a dummy ``PyInit__C``) and only registers ``TORCH_LIBRARY_IMPL(panther, CPU|CUDA)`` kernels
-  for ops whose schemas live in ``panther_fx/ops``. It is built against one torch version; rebuild after
+  pybind module (a dummy ``PyInit__C``) and only registers ``TORCH_LIBRARY_IMPL(panther, CPU|CUDA|Autograd)``
+  kernels for ops whose schemas live in ``panther_fx/ops``. It is built against one torch version; rebuild after
   upgrading torch.
 """
 

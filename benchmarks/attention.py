@@ -81,13 +81,13 @@ class ReferencePerformer(torch.autograd.Function):
     def forward(ctx, q, k, v, W, kernel: str, causal: bool):
         ctx.save_for_backward(q, k, v, W)
         ctx.kernel, ctx.causal = kernel, causal
-        return attention_ops.performer_attention_op._init_fn(q, k, v, W, None, kernel_fn=kernel, causal=causal)
+        return attention_ops.performer_attention_body(q, k, v, W, None, kernel_fn=kernel, causal=causal)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, W = ctx.saved_tensors
         needs = [*ctx.needs_input_grad[:4], False]
-        grads = attention_ops.performer_attention_backward._init_fn(g, q, k, v, W, None, ctx.kernel, ctx.causal,
+        grads = attention_ops.performer_attention_backward_body(g, q, k, v, W, None, ctx.kernel, ctx.causal,
                                                                     None, needs)
         return (*grads[:4], None, None)
 

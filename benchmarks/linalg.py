@@ -31,7 +31,7 @@ from tabulate import tabulate
 
 from panther_fx.linalg import cqrrpt, make_sketch, rsvd, sketched_lstsq
 from panther_fx.ops import kernel_info
-from panther_fx.ops.linalg import fwht, sparse_sketch, sparse_sketch_t
+from panther_fx.ops.linalg import fwht, fwht_body, sparse_sketch, sparse_sketch_body, sparse_sketch_t, sparse_sketch_t_body
 
 SIZES = {
     "cpu": dict(rsvd=(2048, 2048, 64), cqrrpt=(100_000, 200), lstsq=(100_000, 200), fwht=(4096, 1024)),
@@ -216,7 +216,7 @@ def bench_fwht(device: str, reps: int) -> list[list]:
         label = f"{shape[0]}x{shape[1]} {str(dtype)[6:]}"
         nbytes = 2 * x.numel() * x.element_size()  # read + write
         runs = {"copy (x.clone())": lambda: x.clone(), "panther::fwht": lambda: fwht(x),
-                "fwht reference body": lambda: fwht._init_fn(x)}
+                "fwht reference body": lambda: fwht_body(x)}
         if dtype == torch.float32 and shape == (rows_, n):
             S = make_sketch("srht", n // 8, n, generator=0, device=device)
             runs["SRHT apply d=n/8"] = lambda: S.apply(x, dim=-1)
@@ -244,9 +244,9 @@ def bench_sparse(device: str, reps: int) -> list[list]:
             shape = f"{cols}x{rows_}" if transposed else f"{rows_}x{cols}"  # A's own shape
             label = f"{what} {shape} d={d} {str(dtype)[6:]}"
             runs = {"sparse_sketch": lambda: sparse_sketch(A, S.rows, S.vals, d),
-                    "sparse_sketch reference": lambda: sparse_sketch._init_fn(A, S.rows, S.vals, d),
+                    "sparse_sketch reference": lambda: sparse_sketch_body(A, S.rows, S.vals, d),
                     "sparse_sketch_t": lambda: sparse_sketch_t(G, S.rows, S.vals),
-                    "sparse_sketch_t reference": lambda: sparse_sketch_t._init_fn(G, S.rows, S.vals)}
+                    "sparse_sketch_t reference": lambda: sparse_sketch_t_body(G, S.rows, S.vals)}
             times, _ = _interleaved(runs, reps, device)
             for op in ("sparse_sketch", "sparse_sketch_t"):
                 t, t_ref = times[op], times[f"{op} reference"]

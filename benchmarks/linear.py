@@ -127,11 +127,11 @@ def run_case(args, timer: Timer, peaks: Peaks, method: str, N: int, I: int, O: i
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     x, factors, bias, dense = make_case(method, N, I, O, r, args.num_terms, dtype, device, grad=backward)
     op = torch.ops.panther.lowrank_linear if method == "lowrank" else torch.ops.panther.sketched_linear
-    ref_fwd = (linear_ops.lowrank_linear if method == "lowrank" else linear_ops.sketched_linear)._init_fn
+    ref_fwd = linear_ops.lowrank_linear_body if method == "lowrank" else linear_ops.sketched_linear_body
     bwd_op = (torch.ops.panther.lowrank_linear_backward if method == "lowrank"
               else torch.ops.panther.sketched_linear_backward)
-    ref_bwd = (linear_ops.lowrank_linear_backward if method == "lowrank"
-               else linear_ops.sketched_linear_backward)._init_fn
+    ref_bwd = (linear_ops.lowrank_linear_backward_body if method == "lowrank"
+               else linear_ops.sketched_linear_backward_body)
     needs = [True] * (len(factors) + 2)
     gy = torch.randn(N, O, device=device, dtype=dtype)
     params = [x, *factors, bias, *dense.parameters()]

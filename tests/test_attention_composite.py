@@ -24,8 +24,8 @@ panther = torch.ops.panther
 OPS = panther_fx.kernel_info()["ops"]
 BUILT = torch._C._dispatch_has_kernel("panther::_performer_attention_composite")
 pytestmark = pytest.mark.skipif(not BUILT, reason="panther_fx._C is not built or disabled (PANTHER_NO_EXT=1)")
-reference_forward = attention_ops.performer_attention_op._init_fn
-reference_backward = attention_ops.performer_attention_backward._init_fn
+reference_forward = attention_ops.performer_attention_body
+reference_backward = attention_ops.performer_attention_backward_body
 NAMES = ("q", "k", "v", "features", "mask")
 
 

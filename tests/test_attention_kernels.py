@@ -21,8 +21,8 @@ panther = torch.ops.panther
 NATIVE = panther_fx.kernel_info()["ops"].get("performer_attention", {}).get("cpu", False)
 pytestmark = pytest.mark.skipif(not NATIVE, reason="panther_fx._C is not built, disabled (PANTHER_NO_EXT=1) or "
                                                    "lacks the attention kernels")
-reference_forward = attention_ops.performer_attention_op._init_fn
-reference_backward = attention_ops.performer_attention_backward._init_fn
+reference_forward = attention_ops.performer_attention_body
+reference_backward = attention_ops.performer_attention_backward_body
 ALL = [True] * 5
 
 

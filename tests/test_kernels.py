@@ -1,6 +1,6 @@
 """Native kernels of panther_fx._C vs the pure-PyTorch reference bodies of the ops (panther_fx/ops/linear.py).
 
-The reference of each op is its Python body (``CustomOpDef._init_fn``); the registered kernel is what
+The reference of each op is its Python body (``linear_ops.<op>_body``); the registered kernel is what
 ``torch.ops.panther.<op>`` dispatches to. Token counts straddle the kernels' internal thresholds (sliced vs
 concatenated sketch factors on CPU, fused vs cuBLAS on CUDA) so every path is compared.
 """
@@ -28,7 +28,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 
 
 def reference(op: str):
-    return getattr(linear_ops, op)._init_fn
+    return getattr(linear_ops, f"{op}_body")
 
 
 def rnd(gen, *shape, dtype, device, scale=1.0):

@@ -72,7 +72,7 @@ def test_fwht_large_rows_match_reference(p, dtype, threads):
     n = 1 << p
     x64 = torch.randn(3, n, dtype=F64, generator=torch.Generator().manual_seed(p))
     y = panther.fwht(x64.to(dtype))
-    torch.testing.assert_close(y.double(), ops.fwht._init_fn(x64), **TOL[dtype])
+    torch.testing.assert_close(y.double(), ops.fwht_body(x64), **TOL[dtype])
     torch.testing.assert_close(panther.fwht(y).double(), x64.to(dtype).double(), **TOL[dtype])
 
 
@@ -166,10 +166,10 @@ def test_sparse_sketch_matches_reference_on_a_sketch_operator():
     S = SparseSignSketch(250, 20000, generator=0, dtype=F64)
     A = torch.randn(20000, 48, dtype=F64)
     torch.testing.assert_close(panther.sparse_sketch(A, S.rows, S.vals, 250),
-                               ops.sparse_sketch._init_fn(A, S.rows, S.vals, 250), **TOL[F64])
+                               ops.sparse_sketch_body(A, S.rows, S.vals, 250), **TOL[F64])
     G = torch.randn(250, 48, dtype=F64)
     torch.testing.assert_close(panther.sparse_sketch_t(G, S.rows, S.vals),
-                               ops.sparse_sketch_t._init_fn(G, S.rows, S.vals), **TOL[F64])
+                               ops.sparse_sketch_t_body(G, S.rows, S.vals), **TOL[F64])
 
 
 def test_sparse_sketch_bfloat16_computed_in_float():
@@ -222,7 +222,7 @@ def test_fwht_cuda_matches_reference(p, dtype):
     n = 1 << p
     rows = max(1, min(37, (1 << 23) // n))
     x64 = torch.randn(rows, n, dtype=F64, generator=torch.Generator().manual_seed(p))
-    expected = x64 @ hadamard(n) / math.sqrt(n) if p <= 12 else ops.fwht._init_fn(x64)
+    expected = x64 @ hadamard(n) / math.sqrt(n) if p <= 12 else ops.fwht_body(x64)
     before = calls("fwht.cuda")
     y = panther.fwht(x64.to(dtype).cuda())
     assert calls("fwht.cuda") == before + 1

@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> None:
     kernels = "with CUDA kernels" if info["extension_cuda"] else "CPU kernels only"
     ext = f"{info['extension']} ({kernels})" if info["extension"] == "loaded" else info["extension"]
     print(f"native extension panther_fx._C: {ext}")
-    rows = [(name, _mark(k["cpu"]), _mark(k["cuda"])) for name, k in info["ops"].items()]
-    print(tabulate(rows, headers=["op", "native CPU", "native CUDA"], tablefmt="simple"))
-    print("(ops without a native kernel run their pure-PyTorch body)")
+    rows = [(name, _mark(k["cpu"]), _mark(k["cuda"]), _mark(k["autograd"])) for name, k in info["ops"].items()]
+    print(tabulate(rows, headers=["op", "native CPU", "native CUDA", "native autograd"], tablefmt="simple"))
+    print("(ops without a native kernel run their pure-PyTorch body; without native autograd, a Python formula)")
 
 
 def _mark(native: bool) -> str:

@@ -1,7 +1,7 @@
 """Loading of the native extension ``panther_fx._C`` and a report of which kernels are active.
 
-The extension only adds ``TORCH_LIBRARY_IMPL(panther, CPU | CUDA, m)`` kernels to ops whose schema and
-pure-PyTorch fallback are defined in Python, so every op exists with or without it. ``PANTHER_NO_EXT=1``
+The extension only adds ``TORCH_LIBRARY_IMPL(panther, CPU | CUDA | Autograd, m)`` kernels to ops whose schema
+and pure-PyTorch fallback are defined in Python, so every op exists with or without it. ``PANTHER_NO_EXT=1``
 skips loading it (the fallback bodies then run everywhere).
 """
 
@@ -52,17 +52,19 @@ def _panther_ops() -> list[str]:
 
 
 def _native_kernels(name: str) -> dict[str, bool]:
-    """Whether the CPU / CUDA kernel of op ``name`` is native code (registered from a C++/CUDA source file).
+    """Whether the CPU / CUDA kernel and the autograd kernel of op ``name`` are native code (registered from a
+    C++/CUDA source file).
 
-    A kernel registered from Python (``custom_op(device_types=...)``, ``register_kernel``) or the Python body
-    as the default backend kernel does not count.
+    A kernel registered from Python (``custom_op(device_types=...)``, ``register_kernel``, ``register_autograd``)
+    or the Python body as the default backend kernel does not count.
     """
-    found = {"cpu": False, "cuda": False}
+    found = {"cpu": False, "cuda": False, "autograd": False}
+    keys = {"CPU": "cpu", "CUDA": "cuda", "Autograd[alias]": "autograd"}
     for line in torch._C._dispatch_dump(name).splitlines():
         key, sep, rest = line.partition(": registered at ")
-        if sep and key in ("CPU", "CUDA"):
+        if sep and key in keys:
             path = rest.split(" ::", 1)[0].rsplit(":", 1)[0]
-            found[key.lower()] = not path.endswith(".py")
+            found[keys[key]] = not path.endswith(".py")
     return found
 
 
@@ -70,7 +72,8 @@ def kernel_info() -> dict:
     """Which ``torch.ops.panther`` ops have native CPU/CUDA kernels, plus torch, CUDA and device facts.
 
     Keys: extension ("loaded" or why not), extension_cuda (the build carries CUDA kernels), torch,
-    cuda_runtime (torch's CUDA version or None), cuda_available, device, tf32_matmul, ops {name: {cpu, cuda}}.
+    cuda_runtime (torch's CUDA version or None), cuda_available, device, tf32_matmul,
+    ops {name: {cpu, cuda, autograd}}.
     """
     cuda = torch.cuda.is_available()
     return {

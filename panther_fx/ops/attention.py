@@ -40,9 +40,10 @@ import torch
 from torch import Tensor
 
 from ._autocast import autocast_to_lower_precision
+from ._library import check_no_double_backward, define_op, register_autograd
 
 __all__ = ["performer_attention", "performer_attention_op", "performer_attention_backward",
-           "performer_attention_reference",
+           "performer_attention_body", "performer_attention_backward_body", "performer_attention_reference",
            "performer_multi_head_attention", "causal_product", "anticausal_product", "CAUSAL_CHUNK", "EPS", "KERNELS"]
 
 KERNELS = ("softmax", "relu")
@@ -233,11 +234,10 @@ def performer_attention_reference(q: Tensor, k: Tensor, v: Tensor, features: Ten
 # ---- the op ----------------------------------------------------------------------------------------------
 # The schema calls the kernel argument ``kernel_fn``: Inductor's FallbackKernel.create(kernel, ...) takes
 # ``kernel`` as its own first parameter, so a custom op keyword named ``kernel`` cannot be lowered.
-@torch.library.custom_op("panther::performer_attention", mutates_args=())
-def performer_attention_op(q: Tensor, k: Tensor, v: Tensor, features: Tensor,
-                           key_padding_mask: Optional[Tensor] = None, *, kernel_fn: str = "softmax",
-                           causal: bool = False, scale: Optional[float] = None) -> Tensor:
-    """``torch.ops.panther.performer_attention``; see :func:`performer_attention`."""
+def performer_attention_body(q: Tensor, k: Tensor, v: Tensor, features: Tensor,
+                             key_padding_mask: Optional[Tensor] = None, *, kernel_fn: str = "softmax",
+                             causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """The Python body of ``torch.ops.panther.performer_attention``; see :func:`performer_attention`."""
     _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     with torch.no_grad():
         return _forward_parts(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)[0].to(q.dtype)
@@ -256,10 +256,14 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, features: Tensor, key_p
                                                  causal=causal, scale=scale)
 
 
-@performer_attention_op.register_fake
-def _(q, k, v, features, key_padding_mask=None, *, kernel_fn="softmax", causal=False, scale=None):
+def _fake(q, k, v, features, key_padding_mask=None, *, kernel_fn="softmax", causal=False, scale=None):
     _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     return q.new_empty((*q.shape[:3], v.shape[3]))
+
+
+performer_attention_op = define_op(
+    "performer_attention(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask=None, *, "
+    "str kernel_fn=\"softmax\", bool causal=False, float? scale=None) -> Tensor", performer_attention_body, _fake)
 
 
 def _setup(ctx, inputs, keyword_only_inputs, output):
@@ -270,11 +274,7 @@ def _setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(q, k, v, features, key_padding_mask)
 
 
-@torch.library.custom_op("panther::performer_attention_backward", mutates_args=(),
-                         schema="(Tensor g_out, Tensor q, Tensor k, Tensor v, Tensor features, "
-                                "Tensor? key_padding_mask, str kernel_fn, bool causal, float? scale, bool[5] needs) "
-                                "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)")
-def performer_attention_backward(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
+def performer_attention_backward_body(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
     """Gradients of :func:`performer_attention` w.r.t. (q, k, v, features, key_padding_mask) given
     g_out = ∂loss/∂out (B, H, Lq, dv); entry i is None unless ``needs[i]`` (the mask's only if it is float).
 
@@ -312,8 +312,7 @@ def performer_attention_backward(g_out, q, k, v, features, key_padding_mask, ker
     return gq.to(q.dtype) if need_q else None, gk.to(k.dtype) if need_k else None, gv, gW, g_mask
 
 
-@performer_attention_backward.register_fake
-def _(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
+def _backward_fake(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, needs):
     _check(q, k, v, features, key_padding_mask, kernel_fn, causal, scale)
     needs = list(needs)
     needs[4] = needs[4] and key_padding_mask is not None and key_padding_mask.dtype.is_floating_point
@@ -321,7 +320,14 @@ def _(g_out, q, k, v, features, key_padding_mask, kernel_fn, causal, scale, need
     return tuple(t.new_empty(t.shape) if need else None for need, t in zip(needs, like))
 
 
+performer_attention_backward = define_op(
+    "performer_attention_backward(Tensor g_out, Tensor q, Tensor k, Tensor v, Tensor features, "
+    "Tensor? key_padding_mask, str kernel_fn, bool causal, float? scale, bool[5] needs) "
+    "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", performer_attention_backward_body, _backward_fake)
+
+
 def _backward(ctx, g_out):
+    check_no_double_backward("performer_attention")
     q, k, v, features, key_padding_mask = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # trailing arguments left at their defaults are not counted
     needs = [*ctx.needs_input_grad, False, False, False, False, False][:5]
@@ -330,7 +336,7 @@ def _backward(ctx, g_out):
     return grads[:n_inputs]
 
 
-performer_attention_op.register_autograd(_backward, setup_context=_setup)
+register_autograd("performer_attention", _backward, _setup)
 # q, k, v in the autocast dtype, as SDPA; the feature matrix and a float mask keep their precision.
 autocast_to_lower_precision("panther::performer_attention", cast_args=3)
 

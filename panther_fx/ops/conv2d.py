@@ -25,8 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._autocast import autocast_to_lower_precision
+from ._library import define_op, register_autograd
 
-__all__ = ["conv_padding", "lowrank_conv2d", "sketch_mix_weight", "sketched_conv2d"]
+__all__ = ["conv_padding", "lowrank_conv2d", "lowrank_conv2d_body", "sketch_mix_weight", "sketched_conv2d",
+           "sketched_conv2d_body"]
+
+_GEOMETRY = "SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups"
 
 
 def _pair(v: int | Sequence[int]) -> list[int]:
@@ -147,8 +151,7 @@ def _lowrank_mix(U: Tensor) -> Tensor:
     return U.reshape(U.shape[0], U.shape[1], 1, 1)
 
 
-@torch.library.custom_op("panther::lowrank_conv2d", mutates_args=())
-def lowrank_conv2d(x: Tensor, V: Tensor, U: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+def lowrank_conv2d_body(x: Tensor, V: Tensor, U: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     """y = conv1x1(conv(x, V; stride, padding, dilation, groups), U; groups) + bias.
 
@@ -159,11 +162,14 @@ def lowrank_conv2d(x: Tensor, V: Tensor, U: Tensor, bias: Optional[Tensor], stri
     return _conv_mix(x, V, _lowrank_mix(U), bias, stride, padding, dilation, groups)
 
 
-@lowrank_conv2d.register_fake
-def _(x, V, U, bias, stride, padding, dilation, groups):
+def _lowrank_fake(x, V, U, bias, stride, padding, dilation, groups):
     _check_lowrank(x, V, U, bias, stride, padding, dilation, groups)
     # The same ATen composition on fake tensors: shapes and memory format match the real op's.
     return _conv_mix(x, V, _lowrank_mix(U), bias, stride, padding, dilation, groups)
+
+
+lowrank_conv2d = define_op(f"lowrank_conv2d(Tensor x, Tensor V, Tensor U, Tensor? bias, {_GEOMETRY}) -> Tensor",
+                           lowrank_conv2d_body, _lowrank_fake)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -182,7 +188,7 @@ def _lowrank_backward(ctx, gy):
     return gx, gV, gU, gbias, None, None, None, None
 
 
-lowrank_conv2d.register_autograd(_lowrank_backward, setup_context=_conv_setup)
+register_autograd("lowrank_conv2d", _lowrank_backward, _conv_setup)
 autocast_to_lower_precision("panther::lowrank_conv2d")
 
 
@@ -198,9 +204,8 @@ def _check_sketched(x, S1, U1, bias, stride, padding, dilation, groups) -> None:
     torch._check(U1.dtype == x.dtype, lambda: f"{name}: U1 dtype {U1.dtype} differs from x {x.dtype}")
 
 
-@torch.library.custom_op("panther::sketched_conv2d", mutates_args=())
-def sketched_conv2d(x: Tensor, S1: Tensor, U1: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+def sketched_conv2d_body(x: Tensor, S1: Tensor, U1: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                         padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     """Panther SKConv2d: y = 1/(2L) Σ_i U1_iᵀ ⋆ conv(x, S1_i) + bias, per group.
 
     Shapes: x (N, C, H, W), S1 (G·2L·k, C/G, kh, kw), U1 (2L, k, O), bias (O,) -> y (N, O, H', W').
@@ -210,10 +215,13 @@ def sketched_conv2d(x: Tensor, S1: Tensor, U1: Tensor, bias: Optional[Tensor], s
     return _conv_mix(x, S1, sketch_mix_weight(U1), bias, stride, padding, dilation, groups)
 
 
-@sketched_conv2d.register_fake
-def _(x, S1, U1, bias, stride, padding, dilation, groups):
+def _sketched_fake(x, S1, U1, bias, stride, padding, dilation, groups):
     _check_sketched(x, S1, U1, bias, stride, padding, dilation, groups)
     return _conv_mix(x, S1, sketch_mix_weight(U1), bias, stride, padding, dilation, groups)
+
+
+sketched_conv2d = define_op(f"sketched_conv2d(Tensor x, Tensor S1, Tensor U1, Tensor? bias, {_GEOMETRY}) -> Tensor",
+                            sketched_conv2d_body, _sketched_fake)
 
 
 def _sketched_backward(ctx, gy):
@@ -228,5 +236,5 @@ def _sketched_backward(ctx, gy):
     return gx, gS1, gU1, gbias, None, None, None, None
 
 
-sketched_conv2d.register_autograd(_sketched_backward, setup_context=_conv_setup)
+register_autograd("sketched_conv2d", _sketched_backward, _conv_setup)
 autocast_to_lower_precision("panther::sketched_conv2d")

@@ -6,8 +6,9 @@
 * ``panther::sparse_sketch_t(Tensor G, Tensor rows, Tensor vals) -> Tensor``: Sᵀ @ G, its adjoint.
 
 The Python bodies are the fallback on every device and the reference for native kernels registered under
-the same names with ``TORCH_LIBRARY_IMPL(panther, CPU | CUDA, m)``. Each op's autograd is expressed with
-the other ops, so a native kernel speeds up the backward as well.
+the same names with ``TORCH_LIBRARY_IMPL(panther, CPU | CUDA, m)``. Each op's autograd (a Python formula,
+:mod:`panther_fx.ops._library`) is expressed with the other ops, so a native kernel speeds up the backward as
+well.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fwht", "sparse_sketch", "sparse_sketch_t", "is_power_of_two"]
+from ._library import define_op, register_autograd
+
+__all__ = ["fwht", "fwht_body", "sparse_sketch", "sparse_sketch_body", "sparse_sketch_t", "sparse_sketch_t_body",
+           "is_power_of_two"]
 
 
 def is_power_of_two(n: int) -> bool:
@@ -29,8 +33,7 @@ def _check_fwht(x: Tensor) -> None:
     torch._check(x.is_floating_point(), lambda: f"fwht: x must be a floating-point tensor, got {x.dtype}")
 
 
-@torch.library.custom_op("panther::fwht", mutates_args=())
-def fwht(x: Tensor) -> Tensor:
+def fwht_body(x: Tensor) -> Tensor:
     """Orthonormal Walsh–Hadamard transform along the last dim: y = x Hₙ / √n, n = 2^p.
 
     Hₙ is the Sylvester Hadamard matrix (H₁ = [1], H₂ₙ = [[Hₙ, Hₙ], [Hₙ, −Hₙ]]), symmetric, so the transform
@@ -54,10 +57,12 @@ def fwht(x: Tensor) -> Tensor:
     return src.mul_(n ** -0.5).reshape(*lead, n)
 
 
-@fwht.register_fake
-def _(x):
+def _fwht_fake(x):
     _check_fwht(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+fwht = define_op("fwht(Tensor x) -> Tensor", fwht_body, _fwht_fake)
 
 
 def _fwht_setup(ctx, inputs, output):
@@ -69,7 +74,7 @@ def _fwht_backward(ctx, gy):
     return fwht(gy)
 
 
-fwht.register_autograd(_fwht_backward, setup_context=_fwht_setup)
+register_autograd("fwht", _fwht_backward, _fwht_setup)
 
 
 def _check_sparse(A: Tensor, rows: Tensor, vals: Tensor, name: str) -> None:
@@ -86,8 +91,7 @@ def _check_rows_in_range(rows: Tensor, sketch_size: int, name: str) -> None:
     torch._check(not bad, lambda: f"{name}: rows must lie in [0, {sketch_size}), got [{int(rows.min())}, {int(rows.max())}]")
 
 
-@torch.library.custom_op("panther::sparse_sketch", mutates_args=())
-def sparse_sketch(A: Tensor, rows: Tensor, vals: Tensor, sketch_size: int) -> Tensor:
+def sparse_sketch_body(A: Tensor, rows: Tensor, vals: Tensor, sketch_size: int) -> Tensor:
     """S @ A for A (n, c) and a sparse S (sketch_size, n) with S[rows[j, t], j] = vals[j, t].
 
     rows, vals: (n, nnz). out[rows[j, t]] += vals[j, t] · A[j], computed as a COO sparse-dense product
@@ -103,16 +107,18 @@ def sparse_sketch(A: Tensor, rows: Tensor, vals: Tensor, sketch_size: int) -> Te
     return torch.sparse.mm(S, A.contiguous())  # a strided A makes the CPU sparse product ~100x slower
 
 
-@sparse_sketch.register_fake
-def _(A, rows, vals, sketch_size):
+def _sparse_sketch_fake(A, rows, vals, sketch_size):
     _check_sparse(A, rows, vals, "sparse_sketch")
     torch._check(A.shape[0] == rows.shape[0], lambda: f"sparse_sketch: A has {A.shape[0]} rows, S has {rows.shape[0]} columns")
     return A.new_empty((sketch_size, A.shape[1]))
 
 
-@torch.library.custom_op("panther::sparse_sketch_t", mutates_args=())
-def sparse_sketch_t(G: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
-    """Sᵀ @ G for G (d, c) and S as in :func:`sparse_sketch` -> (n, c): out[j] = Σ_t vals[j, t] · G[rows[j, t]]."""
+sparse_sketch = define_op("sparse_sketch(Tensor A, Tensor rows, Tensor vals, SymInt sketch_size) -> Tensor",
+                          sparse_sketch_body, _sparse_sketch_fake)
+
+
+def sparse_sketch_t_body(G: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
+    """Sᵀ @ G for G (d, c) and S as in :func:`sparse_sketch_body` -> (n, c): out[j] = Σ_t vals[j, t] · G[rows[j, t]]."""
     _check_sparse(G, rows, vals, "sparse_sketch_t")
     _check_rows_in_range(rows, G.shape[0], "sparse_sketch_t")
     n, nnz = rows.shape
@@ -122,10 +128,13 @@ def sparse_sketch_t(G: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
     return torch.sparse.mm(St, G.contiguous())
 
 
-@sparse_sketch_t.register_fake
-def _(G, rows, vals):
+def _sparse_sketch_t_fake(G, rows, vals):
     _check_sparse(G, rows, vals, "sparse_sketch_t")
     return G.new_empty((rows.shape[0], G.shape[1]))
+
+
+sparse_sketch_t = define_op("sparse_sketch_t(Tensor G, Tensor rows, Tensor vals) -> Tensor", sparse_sketch_t_body,
+                            _sparse_sketch_t_fake)
 
 
 def _vals_grad(dense_n: Tensor, dense_d: Tensor, rows: Tensor) -> Tensor:
@@ -160,5 +169,5 @@ def _sketch_t_backward(ctx, gy):
     return gG, None, gvals
 
 
-sparse_sketch.register_autograd(_sketch_backward, setup_context=_sketch_setup)
-sparse_sketch_t.register_autograd(_sketch_t_backward, setup_context=_sketch_t_setup)
+register_autograd("sparse_sketch", _sketch_backward, _sketch_setup)
+register_autograd("sparse_sketch_t", _sketch_t_backward, _sketch_t_setup)

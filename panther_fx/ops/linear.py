@@ -1,8 +1,9 @@
 """Low-rank and sketched linear layers as ``torch.ops.panther`` custom ops.
 
-Each op has a pure-PyTorch body (the fallback on every device and the reference for the native kernels
-that ``panther_fx._C`` registers under the same name), a fake kernel for tracing and an autograd formula.
-Inputs may have any number of leading dimensions; all tensors share one dtype.
+Each op has a pure-PyTorch body (``*_body``: the fallback on every device and the reference for the native
+kernels that ``panther_fx._C`` registers under the same name), a fake kernel for tracing and an autograd formula
+(in C++ when the extension is loaded, see :mod:`panther_fx.ops._library`). Inputs may have any number of leading
+dimensions; all tensors share one dtype.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 from torch import Tensor
 
 from ._autocast import autocast_to_lower_precision
+from ._library import check_no_double_backward, define_op, register_autograd
 
 __all__ = ["lowrank_linear", "lowrank_linear_backward", "sketched_linear", "sketched_linear_backward",
-           "sketch_concat"]
+           "lowrank_linear_body", "lowrank_linear_backward_body", "sketched_linear_body",
+           "sketched_linear_backward_body", "sketch_concat"]
 
 
 def _check_lowrank(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor]) -> None:
@@ -29,8 +32,7 @@ def _check_lowrank(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor]) -> N
         torch._check(bias.dtype == x.dtype, lambda: f"lowrank_linear: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
 
 
-@torch.library.custom_op("panther::lowrank_linear", mutates_args=())
-def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def lowrank_linear_body(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = (x Bᵀ) Aᵀ + bias for x (..., I), A (O, r), B (r, I), bias (O,) -> y (..., O)."""
     _check_lowrank(x, A, B, bias)
     x2 = x.reshape(-1, x.shape[-1])
@@ -39,10 +41,13 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor] = Non
     return y.reshape(*x.shape[:-1], A.shape[0])
 
 
-@lowrank_linear.register_fake
-def _(x, A, B, bias=None):
+def _lowrank_fake(x, A, B, bias=None):
     _check_lowrank(x, A, B, bias)
     return x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
+lowrank_linear = define_op("lowrank_linear(Tensor x, Tensor A, Tensor B, Tensor? bias=None) -> Tensor",
+                           lowrank_linear_body, _lowrank_fake)
 
 
 def _bias_given(inputs: tuple, position: int) -> bool:
@@ -56,10 +61,7 @@ def _lowrank_setup(ctx, inputs, output):
     ctx.has_bias = _bias_given(inputs, 3)
 
 
-@torch.library.custom_op("panther::lowrank_linear_backward", mutates_args=(),
-                         schema="(Tensor gy, Tensor x, Tensor A, Tensor B, bool[4] needs) "
-                                "-> (Tensor?, Tensor?, Tensor?, Tensor?)")
-def lowrank_linear_backward(gy, x, A, B, needs):
+def lowrank_linear_backward_body(gy, x, A, B, needs):
     """Gradients of :func:`lowrank_linear` w.r.t. (x, A, B, bias); entry i is None unless ``needs[i]``.
 
     With t = x Bᵀ (N, r) and gt = gy A (N, r): gx = gt B, gA = gyᵀ t, gB = gtᵀ x, gbias = Σ_rows gy.
@@ -75,13 +77,18 @@ def lowrank_linear_backward(gy, x, A, B, needs):
     return gx, gA, gB, gbias
 
 
-@lowrank_linear_backward.register_fake
-def _(gy, x, A, B, needs):
+def _lowrank_backward_fake(gy, x, A, B, needs):
     shapes = (x.shape, A.shape, B.shape, (A.shape[0],))
     return tuple(x.new_empty(shape) if need else None for need, shape in zip(needs, shapes))
 
 
+lowrank_linear_backward = define_op(
+    "lowrank_linear_backward(Tensor gy, Tensor x, Tensor A, Tensor B, bool[4] needs) "
+    "-> (Tensor?, Tensor?, Tensor?, Tensor?)", lowrank_linear_backward_body, _lowrank_backward_fake)
+
+
 def _lowrank_backward(ctx, gy):
+    check_no_double_backward("lowrank_linear")
     x, A, B = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # 3 when bias was omitted from the call
     needs = [*ctx.needs_input_grad, False][:4]
@@ -89,7 +96,7 @@ def _lowrank_backward(ctx, gy):
     return torch.ops.panther.lowrank_linear_backward(gy, x, A, B, needs)[:n_inputs]
 
 
-lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+register_autograd("lowrank_linear", _lowrank_backward, _lowrank_setup)
 autocast_to_lower_precision("panther::lowrank_linear")
 
 
@@ -120,9 +127,8 @@ def sketch_concat(S1: Tensor, S2: Tensor, U1: Tensor, U2: Tensor) -> tuple[Tenso
     return left, right
 
 
-@torch.library.custom_op("panther::sketched_linear", mutates_args=())
-def sketched_linear(x: Tensor, S1: Tensor, S2: Tensor, U1: Tensor, U2: Tensor,
-                    bias: Optional[Tensor] = None) -> Tensor:
+def sketched_linear_body(x: Tensor, S1: Tensor, S2: Tensor, U1: Tensor, U2: Tensor,
+                         bias: Optional[Tensor] = None) -> Tensor:
     """Panther's SKLinear: y = 1/(2L) Σ_i (x S1_i U1_i + x U2_i S2_i) + bias.
 
     Shapes: x (..., I), S1 (L, I, k), S2 (L, k, O), U1 (L, k, O), U2 (L, I, k), bias (O,) -> y (..., O).
@@ -137,10 +143,14 @@ def sketched_linear(x: Tensor, S1: Tensor, S2: Tensor, U1: Tensor, U2: Tensor,
     return y.reshape(*x.shape[:-1], O)
 
 
-@sketched_linear.register_fake
-def _(x, S1, S2, U1, U2, bias=None):
+def _sketched_fake(x, S1, S2, U1, U2, bias=None):
     _check_sketched(x, S1, S2, U1, U2, bias)
     return x.new_empty((*x.shape[:-1], S2.shape[2]))
+
+
+sketched_linear = define_op(
+    "sketched_linear(Tensor x, Tensor S1, Tensor S2, Tensor U1, Tensor U2, Tensor? bias=None) -> Tensor",
+    sketched_linear_body, _sketched_fake)
 
 
 def _sketched_setup(ctx, inputs, output):
@@ -148,10 +158,7 @@ def _sketched_setup(ctx, inputs, output):
     ctx.has_bias = _bias_given(inputs, 5)
 
 
-@torch.library.custom_op("panther::sketched_linear_backward", mutates_args=(),
-                         schema="(Tensor gy, Tensor x, Tensor S1, Tensor S2, Tensor U1, Tensor U2, bool[6] needs) "
-                                "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)")
-def sketched_linear_backward(gy, x, S1, S2, U1, U2, needs):
+def sketched_linear_backward_body(gy, x, S1, S2, U1, U2, needs):
     """Gradients of :func:`sketched_linear` w.r.t. (x, S1, S2, U1, U2, bias); entry i is None unless ``needs[i]``.
 
     With left, right from :func:`sketch_concat`, s = 1/(2L), t = x left and gt = s gy rightᵀ (N, 2Lk):
@@ -179,13 +186,19 @@ def sketched_linear_backward(gy, x, S1, S2, U1, U2, needs):
     return gx, gS1, gS2, gU1, gU2, gbias
 
 
-@sketched_linear_backward.register_fake
-def _(gy, x, S1, S2, U1, U2, needs):
+def _sketched_backward_fake(gy, x, S1, S2, U1, U2, needs):
     shapes = (x.shape, S1.shape, S2.shape, U1.shape, U2.shape, (S2.shape[2],))
     return tuple(x.new_empty(shape) if need else None for need, shape in zip(needs, shapes))
 
 
+sketched_linear_backward = define_op(
+    "sketched_linear_backward(Tensor gy, Tensor x, Tensor S1, Tensor S2, Tensor U1, Tensor U2, bool[6] needs) "
+    "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", sketched_linear_backward_body,
+    _sketched_backward_fake)
+
+
 def _sketched_backward(ctx, gy):
+    check_no_double_backward("sketched_linear")
     x, S1, S2, U1, U2 = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # 5 when bias was omitted from the call
     needs = [*ctx.needs_input_grad, False][:6]
@@ -193,5 +206,5 @@ def _sketched_backward(ctx, gy):
     return torch.ops.panther.sketched_linear_backward(gy, x, S1, S2, U1, U2, needs)[:n_inputs]
 
 
-sketched_linear.register_autograd(_sketched_backward, setup_context=_sketched_setup)
+register_autograd("sketched_linear", _sketched_backward, _sketched_setup)
 autocast_to_lower_precision("panther::sketched_linear")
