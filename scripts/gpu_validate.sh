@@ -9,6 +9,8 @@
 #   bash scripts/gpu_validate.sh bench-attention  # bf16 Performer vs SDPA tables (issue #4)
 #   bash scripts/gpu_validate.sh bench-conv       # bf16 conv tables (issue #5)
 #   bash scripts/gpu_validate.sh bench-linalg     # rsvd, cqrrpt, lstsq, FWHT tables (issue #6)
+#   bash scripts/gpu_validate.sh bench-overhead   # per-call host cost of the linear/attention ops on CUDA
+#   bash scripts/gpu_validate.sh bench-cpu-linalg # cqrrpt vs SciPy's pivoted QR on the host's cores (issue #6)
 #
 # Several steps may be named in one call (`bash scripts/gpu_validate.sh bench-linear bench-conv`); the build runs
 # once. Outputs go to $OUT (the device tool's folder) or ./gpu_results, with a gzipped copy of the built extension
@@ -79,8 +81,16 @@ case "$1" in
   bench-linalg)
     $PY benchmarks/linalg.py --device cuda 2>&1 | tee "$out/linalg.md"
     ;;
+  bench-overhead)
+    $PY benchmarks/call_overhead.py --device cuda 2>&1 | tee "$out/call_overhead.md"
+    ;;
+  bench-cpu-linalg)
+    threads=$(nproc)
+    OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
+      $PY benchmarks/linalg.py --device cpu --threads "$threads" --only cqrrpt 2>&1 | tee "$out/cpu_cqrrpt.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg" >&2
+    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-cpu-linalg" >&2
     exit 2
     ;;
 esac
@@ -88,7 +98,8 @@ esac
 
 [[ $# -gt 0 ]] || { run_step usage; }
 for step in "$@"; do
-  case "$step" in build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg) ;; *) run_step "$step" ;; esac
+  case "$step" in build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-cpu-linalg) ;;
+    *) run_step "$step" ;; esac
 done
 build
 pytest_timeout=()
