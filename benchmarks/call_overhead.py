@@ -82,7 +82,8 @@ def main() -> None:
     info = panther_fx.kernel_info()
     native = info["ops"]["lowrank_linear"]
     print(f"# torch {torch.__version__}, {info['device']}, {args.threads} thread(s), extension {info['extension']}, "
-          f"lowrank_linear native {args.device}: {native[args.device]}, native autograd: {native.get('autograd', False)}")
+          f"lowrank_linear native {args.device}: {native[args.device]}, "
+          f"native autograd: {native.get('autograd', False)}")
     rows = [(name, f"{per_call_us(fn, backward, args.device, args.calls, args.rounds):.1f}")
             for name, (fn, backward) in cases(args.device).items()]
     print(tabulate(rows, headers=("call", "µs per call"), tablefmt="github"))

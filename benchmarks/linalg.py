@@ -31,7 +31,8 @@ from tabulate import tabulate
 
 from panther_fx.linalg import cqrrpt, make_sketch, rsvd, sketched_lstsq
 from panther_fx.ops import kernel_info
-from panther_fx.ops.linalg import fwht, fwht_body, sparse_sketch, sparse_sketch_body, sparse_sketch_t, sparse_sketch_t_body
+from panther_fx.ops.linalg import (fwht, fwht_body, sparse_sketch, sparse_sketch_body, sparse_sketch_t,
+                                   sparse_sketch_t_body)
 
 SIZES = {
     "cpu": dict(rsvd=(2048, 2048, 64), cqrrpt=(100_000, 200), lstsq=(100_000, 200), fwht=(4096, 1024)),

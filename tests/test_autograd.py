@@ -36,14 +36,17 @@ CASES = textwrap.dedent("""
         yield "sketched", lambda: panther.sketched_linear(x, S1, S2, U1, U2, b), (x, S1, S2, U1, U2, b)
         yield "sketched, no bias", lambda: panther.sketched_linear(x, S1, S2, U1, U2), (x, S1, S2, U1, U2)
         yield "attention", lambda: panther.performer_attention(q, k, v, W), (q, k, v, W)
-        yield "attention, causal relu", lambda: panther.performer_attention(q, k, v, W, kernel_fn="relu", causal=True), (q, k, v, W)
-        yield "attention, float mask", lambda: panther.performer_attention(q, k, v, W, mask, scale=0.3), (q, k, v, W, mask)
+        relu = dict(kernel_fn="relu", causal=True)
+        yield "attention, causal relu", lambda: panther.performer_attention(q, k, v, W, **relu), (q, k, v, W)
+        masked = (q, k, v, W, mask)
+        yield "attention, float mask", lambda: panther.performer_attention(*masked, scale=0.3), masked
 
     def gradients():
         out = {}
         for name, call, inputs in cases():
             y = call()
-            out[name] = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), inputs)
+            weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # a non-uniform upstream gradient
+            out[name] = torch.autograd.grad((y * weights).sum(), inputs)
         return out
 
     def double_backward_error():

@@ -1,13 +1,13 @@
 """Definition of the panther ops: schema, Python body, fake kernel, autograd formula.
 
-``torch.library.custom_op`` runs a Python autograd wrapper on every call: for ``panther::lowrank_linear`` on a
-CPU (torch 2.13) it doubled a one-token forward (22 against 11 µs) and a forward+backward (322 against 155 µs;
-``benchmarks/call_overhead.py``), and on a GPU it is host time in front of every launch. The ops are therefore defined with
-``Library.define``: the Python body is the CompositeExplicitAutograd kernel (the reference, and the fallback on
-every device), the extension adds native CPU/CUDA kernels and, for the linear and attention ops, C++ autograd
-kernels (csrc/autograd.cpp), so that a call of those stays in C++. The Python autograd formula is registered for
-every op the extension gave no autograd kernel (the conv and sketch ops, and all ops when the extension is not
-built or is disabled with ``PANTHER_NO_EXT=1``).
+``torch.library.custom_op`` runs a Python autograd wrapper on every call: for ``panther::lowrank_linear`` on a CPU
+(torch 2.13) it doubled a one-token forward (22 against 11 µs) and a forward+backward (322 against 155 µs;
+``benchmarks/call_overhead.py``), and on a GPU it is host time in front of every launch. The ops are therefore
+defined with ``Library.define``: the Python body is the CompositeExplicitAutograd kernel (the reference, and the
+fallback on every device), the extension adds native CPU/CUDA kernels and, for the linear and attention ops, C++
+autograd kernels (csrc/autograd.cpp), so that a call of those stays in C++. The Python autograd formula is
+registered for every op the extension gave no autograd kernel (the conv and sketch ops, and all ops when the
+extension is not built or is disabled with ``PANTHER_NO_EXT=1``).
 
 The extension is loaded before any op is defined (``panther_fx/ops/__init__.py``): the dispatcher keeps its
 registrations until the schemas arrive, and :func:`register_autograd` can then see them.
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["define_op", "register_autograd"]
+__all__ = ["check_no_double_backward", "define_op", "register_autograd"]
 
 _LIB = torch.library.Library("panther", "FRAGMENT")
 
