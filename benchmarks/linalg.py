@@ -144,6 +144,8 @@ def bench_cqrrpt(device: str, reps: int) -> list[list]:
         }
         if device == "cpu":
             runs["scipy.linalg.qr pivoting"] = _scipy_qrcp(A)
+        else:  # "auto" is LU pivoting on the device; this row is the host geqp3 it replaced
+            runs["cqrrpt qrcp_backend=scipy"] = lambda: cqrrpt(A, generator=0, qrcp_backend="scipy")
         times, outs = _interleaved(runs, reps, device)
         t_qr, t_sp = times["torch.linalg.qr (Householder)"], times.get("scipy.linalg.qr pivoting")
         for name, (Q, R, piv) in outs.items():

@@ -10,6 +10,8 @@ from panther_fx.linalg import SKETCHES, cqrrpt, qrcp, rank_threshold
 
 F64 = torch.float64
 M, N = 1000, 50
+# "auto" is geqp3 (SciPy) on the CPU; "lu" is what "auto" picks on a GPU, run here on the CPU.
+BACKENDS = pytest.mark.parametrize("backend", ["auto", "lu"])
 
 
 def with_cond(m, n, cond, dtype, seed=0, rank=None):
@@ -42,47 +44,53 @@ def assert_factorization(A, Q, R, piv, rank, rec_eps=10, orth_eps=5 * N):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cond", [10.0, 1e6])
-def test_full_rank_at_working_precision(dtype, cond):
+@BACKENDS
+def test_full_rank_at_working_precision(dtype, cond, backend):
     A = with_cond(M, N, cond, dtype)
-    Q, R, piv = cqrrpt(A, generator=0)
+    Q, R, piv = cqrrpt(A, generator=0, qrcp_backend=backend)
     assert_factorization(A, Q, R, piv, rank=N)
 
 
-def test_float64_cond_1e12_full_rank():
+@BACKENDS
+def test_float64_cond_1e12_full_rank(backend):
     A = with_cond(M, N, 1e12, F64, seed=1)
-    Q, R, piv = cqrrpt(A, generator=1)
+    Q, R, piv = cqrrpt(A, generator=1, qrcp_backend=backend)
     assert_factorization(A, Q, R, piv, rank=N)
 
 
-def test_float32_cond_1e12_truncates_to_numerical_rank():
+@BACKENDS
+def test_float32_cond_1e12_truncates_to_numerical_rank(backend):
     """Singular values below τ = 2 eps^0.95 (5.3e-7) are noise in float32: about 26 of 50 survive."""
     A = with_cond(M, N, 1e12, torch.float32, seed=2)
-    Q, R, piv = cqrrpt(A, generator=2)
+    Q, R, piv = cqrrpt(A, generator=2, qrcp_backend=backend)
     above = int((torch.logspace(0, -12, N, dtype=F64) > rank_threshold(torch.float32)).sum())
     assert above <= Q.shape[1] <= above + 4
     assert_factorization(A, Q, R, piv, rank=Q.shape[1], rec_eps=20)
 
 
-def test_float32_full_rank_is_kept_with_uneven_column_scales():
+@BACKENDS
+def test_float32_full_rank_is_kept_with_uneven_column_scales(backend):
     """The prior art's absolute rank threshold truncated full-rank float32 matrices; ours is relative."""
     g = torch.Generator().manual_seed(3)
     A = torch.randn(M, N, generator=g) * torch.logspace(2, -2, N)  # column norms over 4 orders
-    Q, R, piv = cqrrpt(A, generator=3)
+    Q, R, piv = cqrrpt(A, generator=3, qrcp_backend=backend)
     assert_factorization(A, Q, R, piv, rank=N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rank_deficient_gets_exact_rank(dtype):
+@BACKENDS
+def test_rank_deficient_gets_exact_rank(dtype, backend):
     A = with_cond(M, N, 10.0, dtype, rank=20, seed=4)
-    Q, R, piv = cqrrpt(A, generator=4)
+    Q, R, piv = cqrrpt(A, generator=4, qrcp_backend=backend)
     assert_factorization(A, Q, R, piv, rank=20)
 
 
-def test_repeated_columns():
+@BACKENDS
+def test_repeated_columns(backend):
     g = torch.Generator().manual_seed(5)
     B = torch.randn(M, 10, dtype=F64, generator=g)
     A = torch.cat([B, B[:, :5] * 2.0, B[:, 3:8] - B[:, :5]], dim=1)  # rank 10, 20 columns
-    Q, R, piv = cqrrpt(A, generator=5)
+    Q, R, piv = cqrrpt(A, generator=5, qrcp_backend=backend)
     assert_factorization(A, Q, R, piv, rank=10)
 
 
@@ -102,14 +110,15 @@ def test_unpreconditioned_cholesky_qr_would_fail():
     assert errors(A, *cqrrpt(A, generator=7))[1] <= 5 * N
 
 
-def test_rank_threshold_is_relative_and_dtype_aware():
+@BACKENDS
+def test_rank_threshold_is_relative_and_dtype_aware(backend):
     assert rank_threshold(torch.float32) == pytest.approx(2 * torch.finfo(torch.float32).eps ** 0.95)
     assert rank_threshold(torch.float64) < 1e-14 < 1e-7 < rank_threshold(torch.float32) < 1e-6
     A = with_cond(M, N, 1e3, torch.float32, seed=8) * 1e-6  # scale does not change the rank
-    assert cqrrpt(A, generator=8)[0].shape[1] == N
+    assert cqrrpt(A, generator=8, qrcp_backend=backend)[0].shape[1] == N
 
 
-@pytest.mark.parametrize("backend", ["torch", "scipy"])
+@pytest.mark.parametrize("backend", ["torch", "scipy", "lu"])
 def test_qrcp_backends(backend):
     if backend == "scipy":
         pytest.importorskip("scipy")
@@ -119,7 +128,27 @@ def test_qrcp_backends(backend):
     assert R.shape == (20, 20) and torch.equal(piv.sort().values, torch.arange(20))
     torch.testing.assert_close(R.t() @ R, W[:, piv].t() @ W[:, piv], rtol=0, atol=1e-12)
     d = R.diagonal().abs()
-    assert (d[1:] <= d[:-1] * (1 + 1e-12)).all()  # column pivoting orders the diagonal
+    if backend != "lu":  # LU's pivots follow one row of the eliminated W at a time, not the column norms
+        assert (d[1:] <= d[:-1] * (1 + 1e-12)).all()  # column pivoting orders the diagonal
+
+
+def test_qrcp_lu_puts_independent_columns_first():
+    g = torch.Generator().manual_seed(15)
+    B = torch.randn(40, 6, dtype=F64, generator=g)
+    W = torch.cat([B[:, :3] + B[:, 3:], B, B[:, :2] * 3.0], dim=1)  # rank 6, 11 columns
+    R, piv = qrcp(W, backend="lu")
+    assert torch.linalg.matrix_rank(W[:, piv[:6]]) == 6
+    d = R.diagonal().abs()
+    assert (d[:6] > 1e-3 * d.max()).all() and (d[6:] < 1e-12 * d.max()).all()
+
+
+@pytest.mark.parametrize("seed", [10, 21])
+def test_float32_rank_is_confirmed_on_A_not_on_its_sketch(seed):
+    """A float32 sketch sums many rounded terms per entry, which can lift a noise column of the sketch's R over
+    τ (these seeds gave rank 21 with LU pivots); the rank is confirmed on R = R_c R_sk, the factor of A."""
+    A = with_cond(M, N, 10.0, torch.float32, rank=20, seed=seed)
+    Q, R, piv = cqrrpt(A, generator=seed, qrcp_backend="lu")
+    assert_factorization(A, Q, R, piv, rank=20)
 
 
 def test_qrcp_torch_matches_scipy():
@@ -148,6 +177,7 @@ def test_reproducible_by_seed():
      {"sketch": "srht"}, "NaN or Inf"),
     (torch.randn(10, 3), {"gamma": 0.5}, "gamma"),
     (torch.randn(10, 3), {"sketch": "dense"}, "unknown sketch 'dense'"),
+    (torch.randn(10, 3), {"qrcp_backend": "magma"}, "qrcp_backend must be one of"),
     (torch.zeros(10, 3), {}, "numerically zero"),
 ])
 def test_bad_input_errors(A, kwargs, match):
@@ -164,8 +194,10 @@ def test_qrcp_backend_name_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda(dtype):
     A = with_cond(M, N, 1e6, dtype, seed=13).cuda()
-    for kwargs in ({"qrcp_backend": "auto"}, {"qrcp_backend": "torch"}, {"pivoting": False}):
-        Q, R, piv = cqrrpt(A, generator=13, **kwargs)
+    cpu_generator = torch.Generator().manual_seed(13)  # drawn on the CPU, then moved
+    for kwargs in ({"qrcp_backend": "auto"}, {"qrcp_backend": "torch"}, {"qrcp_backend": "scipy"},
+                   {"pivoting": False}, {"generator": cpu_generator}):
+        Q, R, piv = cqrrpt(A, **{"generator": 13, **kwargs})
         assert Q.is_cuda and R.is_cuda and piv.is_cuda
         assert_factorization(A.cpu(), Q.cpu(), R.cpu(), piv.cpu(), rank=N)
 

@@ -2,9 +2,9 @@
 Luszczek 2023), for tall matrices A (m, n), m >= n.
 
 1. Sketch: A_sk = S A with S (d, m), d = ⌈γ n⌉ (a subspace embedding of range(A)).
-2. Column-pivoted QR of the small sketch in float64: A_sk[:, piv] = Q_sk R_sk.
-3. Numerical rank k: the number of leading |R_sk[i, i]| >= τ |R_sk[0, 0]| with the RELATIVE threshold
-   τ = 2 eps^0.95 of A's dtype (RandLAPACK's choice): 5.3e-7 for float32, 2.7e-15 for float64.
+2. Column-pivoted QR of the small sketch in float64: A_sk[:, piv] = Q_sk R_sk (:func:`qrcp`).
+3. Numerical rank k: the length of the leading run of |R_sk[i, i]| >= τ max|R_sk[j, j]| with the RELATIVE
+   threshold τ = 2 eps^0.95 of A's dtype (RandLAPACK's choice): 5.3e-7 for float32, 2.7e-15 for float64.
 4. Precondition: A_pre = A[:, piv[:k]] R_sk[:k, :k]⁻¹, which is well conditioned whatever cond(A) is.
 5. Cholesky QR of A_pre: G = A_preᵀ A_pre = R_cᵀ R_c, Q = A_pre R_c⁻¹, R = R_c R_sk[:k, :].
 
@@ -22,7 +22,9 @@ from torch import Tensor
 from ._random import as_generator
 from .sketch import SKETCHES, make_sketch
 
-__all__ = ["cqrrpt", "qrcp", "rank_threshold"]
+__all__ = ["QRCP_BACKENDS", "cqrrpt", "qrcp", "rank_threshold"]
+
+QRCP_BACKENDS = ("auto", "scipy", "torch", "lu")
 
 
 def rank_threshold(dtype: torch.dtype) -> float:
@@ -37,12 +39,25 @@ def rank_threshold(dtype: torch.dtype) -> float:
 def qrcp(W: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Column-pivoted QR of a small W (d, n) -> (R (min(d, n), n), piv (n,)) with W[:, piv] = Q R.
 
-    ``backend``: "scipy" (LAPACK geqp3 on the CPU, moving W there), "torch" (Householder QR with column
-    pivoting written in PyTorch, on W's device, no host syncs), or "auto" (scipy when importable).
-    Computed in float64; |R[i, i]| is non-increasing.
+    ``backend``:
+
+    * ``"scipy"``: LAPACK ``geqp3`` on the CPU (W is moved there); |R[i, i]| is non-increasing.
+    * ``"torch"``: Householder QR with column pivoting written in PyTorch, on W's device, no host syncs;
+      the same pivots as ``geqp3``, but n steps of small kernels.
+    * ``"lu"`` (LUQR): the pivots of LU with partial pivoting of Wᵀ (``getrf``), then an unpivoted Householder
+      QR of W[:, piv], both on W's device without host syncs. Each LU step takes the column with the largest
+      entry in one row of the eliminated W rather than the largest norm, so |R[i, i]| is not monotone; the
+      first k columns of an exactly rank-k W are independent.
+    * ``"auto"``: ``"lu"`` for a W on an accelerator (a host ``geqp3`` round trip of a 640 × 512 sketch cost
+      more than all of CQRRPT's device work on an H100); ``"scipy"`` on the CPU, ``"torch"`` without SciPy.
+
+    Computed in float64.
     """
-    if backend not in ("auto", "scipy", "torch"):
-        raise ValueError(f"qrcp: backend must be 'auto', 'scipy' or 'torch', got {backend!r}")
+    if backend not in QRCP_BACKENDS:
+        raise ValueError(f"qrcp: backend must be one of {QRCP_BACKENDS}, got {backend!r}")
+    W = W.detach().double()
+    if backend == "lu" or (backend == "auto" and W.device.type != "cpu"):
+        return _qrcp_lu(W)
     if backend != "torch":
         try:
             import scipy.linalg
@@ -50,10 +65,18 @@ def qrcp(W: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
             if backend == "scipy":
                 raise
         else:
-            R, piv = scipy.linalg.qr(W.detach().cpu().double().numpy(), mode="r", pivoting=True)
+            R, piv = scipy.linalg.qr(W.cpu().numpy(), mode="r", pivoting=True)
             R = torch.from_numpy(R[:min(W.shape)])
             return R.to(W.device), torch.from_numpy(piv).to(W.device, torch.int64)
-    return _qrcp_torch(W.detach().double())
+    return _qrcp_torch(W)
+
+
+def _qrcp_lu(W: Tensor) -> tuple[Tensor, Tensor]:
+    """LUQR: Wᵀ = P L U with partial pivoting, so the rows of Pᵀ Wᵀ are W's columns in pivot order."""
+    LU, pivots, _ = torch.linalg.lu_factor_ex(W.mT)  # a singular W is fine: its zero pivots come last
+    P = torch.lu_unpack(LU, pivots, unpack_data=False)[0]
+    piv = P.argmax(0)
+    return torch.linalg.qr(W[:, piv], mode="r").R[:min(W.shape)], piv
 
 
 def _qrcp_torch(W: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,7 +99,7 @@ def _qrcp_torch(W: Tensor) -> tuple[Tensor, Tensor]:
     return W[:min(d, n)].triu(), piv
 
 
-def _check(A: Tensor, gamma: float, sketch: str) -> None:
+def _check(A: Tensor, gamma: float, sketch: str, qrcp_backend: str) -> None:
     if not isinstance(A, Tensor) or A.dim() != 2:
         raise ValueError(f"cqrrpt: A must be a 2-D tensor, got shape {tuple(getattr(A, 'shape', ()))}")
     if A.dtype not in (torch.float32, torch.float64):
@@ -88,6 +111,8 @@ def _check(A: Tensor, gamma: float, sketch: str) -> None:
         raise ValueError(f"cqrrpt: gamma (sketch rows per column) must be >= 1, got {gamma}")
     if sketch not in SKETCHES:
         raise ValueError(f"cqrrpt: unknown sketch {sketch!r}; expected one of {sorted(SKETCHES)}")
+    if qrcp_backend not in QRCP_BACKENDS:
+        raise ValueError(f"cqrrpt: qrcp_backend must be one of {QRCP_BACKENDS}, got {qrcp_backend!r}")
 
 
 @torch.no_grad()
@@ -107,11 +132,15 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
     ``pivoting=False`` is a fast path for matrices expected to have full column rank: the sketch gets an
     unpivoted Householder QR on A's device (no host round trip for LAPACK's geqp3) and piv = arange(n). If
     the sketch's R or the Cholesky factorization shows rank deficiency, it redoes the pivoted algorithm.
+
+    ``qrcp_backend`` picks the small pivoted QR (:func:`qrcp`). ``generator``: a ``torch.Generator``, used on
+    its own device, or a seed for a new generator on A's device, so a seed's sketch is drawn where A lives
+    (a GPU and the CPU draw different sketches from one seed, as ``torch.randn`` does).
     """
-    _check(A, gamma, sketch)
+    _check(A, gamma, sketch, qrcp_backend)
     m, n = A.shape
     d = min(m, math.ceil(gamma * n))
-    S = make_sketch(sketch, d, m, generator=as_generator(generator), dtype=A.dtype, device=A.device)
+    S = make_sketch(sketch, d, m, generator=as_generator(generator, A.device), dtype=A.dtype, device=A.device)
     A_sk = S.apply(A, dim=0)
     # Every entry of A reaches some entry of S A with a nonzero weight, so a NaN/Inf in A shows in the small
     # sketch: checking it there saves a full pass over A.
@@ -125,15 +154,17 @@ def cqrrpt(A: Tensor, *, gamma: float = 1.25, sketch: str = "sparse_sign",
             # No gather (the columns stay in order); the copy is the buffer the preconditioning overwrites.
             L, A_pre, k = _preconditioned_cholesky(A.clone(memory_format=torch.contiguous_format), R_sk)
             if k == n:
-                return _finish(A_pre, L, R_sk, torch.arange(n, device=A.device), refine)
+                Q, R, piv = _finish(A_pre, L, R_sk, torch.arange(n, device=A.device), refine, tau)
+                if Q.shape[1] == n:
+                    return Q, R, piv
     R_sk, piv = qrcp(A_sk, backend=qrcp_backend)
     diag = R_sk.diagonal().abs()
-    k = int((diag >= tau * diag[0]).sum()) if diag[0] > 0 else 0
+    k = int(((diag >= tau * diag.max()) & (diag > 0)).cumprod(0).sum())  # one host sync
     if k == 0:
         raise ValueError("cqrrpt: A is numerically zero (rank 0)")
     # index_select copies whole rows at a time: about twice as fast as advanced indexing A[:, idx] on the CPU.
     L, A_pre, k = _preconditioned_cholesky(A.index_select(1, piv[:k]), R_sk)
-    return _finish(A_pre, L, R_sk, piv, refine)
+    return _finish(A_pre, L, R_sk, piv, refine, tau)
 
 
 def _preconditioned_cholesky(A_k: Tensor, R_sk: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -156,14 +187,31 @@ def _preconditioned_cholesky(A_k: Tensor, R_sk: Tensor) -> tuple[Tensor, Tensor,
     return L, A_pre, k
 
 
-def _finish(A_pre: Tensor, L: Tensor, R_sk: Tensor, piv: Tensor, refine: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Q = A_pre R_c⁻¹ and R = R_c R_sk[:k] with R_c = Lᵀ, optionally one more Cholesky QR pass."""
+def _finish(A_pre: Tensor, L: Tensor, R_sk: Tensor, piv: Tensor, refine: bool,
+            tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Q = A_pre R_c⁻¹ and R = R_c R_sk[:k] with R_c = Lᵀ, the rank confirmed on R (:func:`_confirmed_rank`),
+    optionally one more Cholesky QR pass."""
     k = L.shape[0]
     Rc = L.mT
     Q = A_pre @ torch.linalg.inv(Rc).to(A_pre.dtype)  # Rc is well conditioned: a GEMM is as accurate as a solve
     R = Rc @ R_sk[:k]
+    rank = _confirmed_rank(R, tau)
+    if rank < k:
+        Q, R = Q[:, :rank].contiguous(), R[:rank]
     if refine:
         Rc2 = torch.linalg.cholesky((Q.mT @ Q).double()).mT
         Q = Q @ torch.linalg.inv(Rc2).to(A_pre.dtype)
         R = Rc2 @ R
     return Q, R.to(A_pre.dtype), piv
+
+
+def _confirmed_rank(R: Tensor, tau: float) -> int:
+    """The number of leading rows of R (k, n) to keep: the smallest i with ‖R[i:, :]‖_F <= τ max|R[j, j]|.
+
+    The sketch's R decides the rank first, but a float32 sketch carries its own rounding (S A sums thousands
+    of terms per entry), which can lift a noise column's |R_sk[i, i]| over τ; R = R_c R_sk[:k] is the
+    triangular factor of A itself, and since A[:, piv] = Q R with Q orthonormal, dropping rows i: of R
+    changes A's reconstruction by exactly ‖R[i:, :]‖_F, so the cut never discards more than τ‖A‖.
+    """
+    tail = R.square().sum(1).flip(0).cumsum(0).flip(0).sqrt()  # tail[i] = ‖R[i:, :]‖_F
+    return int((tail > tau * R.diagonal().abs().max()).sum())

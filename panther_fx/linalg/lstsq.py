@@ -52,7 +52,8 @@ def sketched_lstsq(A: Tensor, b: Tensor, *, sketch: str = "sparse_sign", method:
     ``sketch_size`` d defaults to min(m, 4n). ``tol`` drives LSQR's stopping tests on the preconditioned
     Ā = A R⁻¹, for every column of b: ‖Āᵀ r‖ <= tol ‖Ā‖ ‖r‖, or ‖r‖ <= tol ‖b − A x₀‖ (consistent systems);
     about 20 iterations at the default, whatever cond(A). ``max_iter`` bounds the iterations.
-    The result has b's dtype promoted with A's.
+    The result has b's dtype promoted with A's. ``generator``: a ``torch.Generator`` (used on its own
+    device) or a seed for a new generator on A's device.
     """
     _check(A, b, sketch, method)
     m, n = A.shape
@@ -61,7 +62,7 @@ def sketched_lstsq(A: Tensor, b: Tensor, *, sketch: str = "sparse_sign", method:
         raise ValueError(f"sketched_lstsq: sketch_size must lie in [n, m] = [{n}, {m}], got {d}")
     out_dtype = torch.promote_types(A.dtype, b.dtype)
     A64, B = A.double(), (b.double()[:, None] if b.dim() == 1 else b.double())
-    S = make_sketch(sketch, d, m, generator=as_generator(generator), dtype=torch.float64, device=A.device)
+    S = make_sketch(sketch, d, m, generator=as_generator(generator, A.device), dtype=torch.float64, device=A.device)
     Q_sk, R = torch.linalg.qr(S.apply(A64, dim=0))
     diag = R.diagonal().abs()
     if bool(diag.min() <= n * torch.finfo(torch.float64).eps * diag.max()):

@@ -55,6 +55,9 @@ def rsvd(A: Tensor, rank: int | None, *, oversample: int = 10, n_iter: int = 2,
     smallest rank r (at most ``rank`` if given) with ‖A − U S Vh‖_F <= tol·‖A‖_F for every matrix of the
     batch. One host sync per block decides whether to stop. The indicator subtracts two nearly equal
     norms, so tolerances below ~10·√eps of the dtype (3e-3 for float32, 1e-7 for float64) run to the cap.
+
+    ``generator``: a ``torch.Generator``, drawn from on its own device, or a seed for a new generator on A's
+    device (so the draws never cross the host–device link; a GPU and the CPU draw differently from one seed).
     """
     _check(A, rank, tol, sketch)
     m, n = A.shape[-2:]
@@ -62,7 +65,7 @@ def rsvd(A: Tensor, rank: int | None, *, oversample: int = 10, n_iter: int = 2,
         U, S, Vh = rsvd(A.mT, rank, oversample=oversample, n_iter=n_iter, generator=generator, sketch=sketch,
                         tol=tol, block_size=block_size)
         return Vh.mT, S, U.mT
-    gen = as_generator(generator)
+    gen = as_generator(generator, A.device)
     if tol is None:
         Q = _range_finder(A, min(rank + oversample, n), n_iter, sketch, gen)
         Ub, S, Vh = _small_svd(Q.mT @ A)
