@@ -42,27 +42,45 @@ bool needs_optional(AutogradContext* ctx, const at::Tensor& saved, size_t edge) 
 }
 
 using LowrankSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&);
+using LowrankWithTSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const OptTensor&);
 using LowrankBackwardSig = LowrankGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         std::array<bool, 4>);
 
+// When A needs a gradient, the forward keeps the rank-r intermediate t = x Bᵀ (r/in of x's size) and the
+// backward takes gA = gyᵀ t from it: recomputing t would read x once more, one of the backward's five
+// passes over an (N, in) or (N, out) tensor.
 class LowrankLinear : public torch::autograd::Function<LowrankLinear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                            const OptTensor& bias) {
+                            const OptTensor& bias, bool keep_t) {
     static const auto op = find_op<LowrankSig>("panther::lowrank_linear");
-    ctx->save_for_backward({x, A, B, or_undefined(bias)});
+    static const auto op_with_t = find_op<LowrankWithTSig>("panther::lowrank_linear_with_t");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, A, B, bias);
+    at::Tensor y, t;
+    if (keep_t) {
+      std::tie(y, t) = op_with_t.call(x, A, B, bias);
+    } else {
+      y = op.call(x, A, B, bias);
+    }
+    ctx->save_for_backward({x, A, B, or_undefined(bias), t});
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<LowrankBackwardSig>("panther::lowrank_linear_backward");
     check_no_double_backward("lowrank_linear");
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 4> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+    const at::Tensor& t = saved[4];
+    const bool gA_from_t = t.defined() && ctx->needs_input_grad(1);
+    const std::array<bool, 4> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1) && !gA_from_t,
                                        ctx->needs_input_grad(2), needs_optional(ctx, saved[3], 3)};
-    const auto [gx, gA, gB, gbias] = op.call(grads[0], saved[0], saved[1], saved[2], needs);
-    return {or_undefined(gx), or_undefined(gA), or_undefined(gB), or_undefined(gbias)};
+    auto [gx, gA, gB, gbias] = op.call(grads[0], saved[0], saved[1], saved[2], needs);
+    if (gA_from_t) {
+      const auto& A = saved[1];
+      gA = at::mm(grads[0].reshape({-1, A.size(0)}).t(), t.reshape({-1, A.size(1)}));
+    }
+    return {or_undefined(gx), or_undefined(gA), or_undefined(gB), or_undefined(gbias), at::Tensor()};
   }
 };
 
@@ -134,7 +152,8 @@ class PerformerAttention : public torch::autograd::Function<PerformerAttention> 
 
 at::Tensor lowrank_linear_autograd(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                    const OptTensor& bias) {
-  return LowrankLinear::apply(x, A, B, bias);
+  const bool keep_t = at::GradMode::is_enabled() && A.requires_grad();
+  return LowrankLinear::apply(x, A, B, bias, keep_t);
 }
 
 at::Tensor sketched_linear_autograd(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,
@@ -155,6 +174,7 @@ TORCH_LIBRARY_IMPL(panther, Autograd, m) {
   m.impl("sketched_linear", &sketched_linear_autograd);
   m.impl("performer_attention", &performer_attention_autograd);
   // Called with inputs that require grad (create_graph=True, or directly), these raise "not implemented".
+  m.impl("lowrank_linear_with_t", torch::autograd::autogradNotImplementedFallback());
   m.impl("lowrank_linear_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("sketched_linear_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("performer_attention_backward", torch::autograd::autogradNotImplementedFallback());

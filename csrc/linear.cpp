@@ -114,11 +114,16 @@ void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor&
 
 at::Tensor lowrank_linear_gemm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                const OptTensor& bias) {
+  return std::get<0>(lowrank_linear_with_t_gemm(x, A, B, bias));
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_gemm(const at::Tensor& x, const at::Tensor& A,
+                                                              const at::Tensor& B, const OptTensor& bias) {
   auto x2 = x.reshape({-1, x.size(-1)});
   auto t = at::mm(x2, B.t());
   auto y = at::empty({x2.size(0), A.size(0)}, x.options());
   gemm_epilogue(y, t, A.t(), bias, 1.0);
-  return y.view(out_sizes(x, A.size(0)));
+  return {y.view(out_sizes(x, A.size(0))), t.view(out_sizes(x, B.size(0)))};
 }
 
 at::Tensor sketched_linear_gemm(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,

@@ -31,6 +31,11 @@ at::Tensor lowrank_linear_gemm(const at::Tensor& x, const at::Tensor& A, const a
 at::Tensor sketched_linear_gemm(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,
                                 const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias, bool concat);
 
+// (y, t) with t = x Bᵀ (..., r), the rank-r intermediate kept for the backward's gA = gyᵀ t, so that the backward
+// does not read x a second time to recompute it (the op lowrank_linear_with_t, used when A needs a gradient).
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_gemm(const at::Tensor& x, const at::Tensor& A,
+                                                              const at::Tensor& B, const OptTensor& bias);
+
 LowrankGrads lowrank_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
                                           const at::Tensor& B, std::array<bool, 4> needs);
 SketchedGrads sketched_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& S1,

@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_validate.sh build-test       # build the CUDA kernels (PANTHER_CUDA=1), smoke run, cuda tests
 #   bash scripts/gpu_validate.sh sanitize         # the smoke run under compute-sanitizer memcheck and racecheck
-#   bash scripts/gpu_validate.sh bench-linear     # bf16 linear-op tables (issue #3)
+#   bash scripts/gpu_validate.sh bench-linear     # bf16 linear-op tables, kept-t backward gain (issue #3)
 #   bash scripts/gpu_validate.sh bench-attention  # bf16 Performer vs SDPA tables (issue #4)
 #   bash scripts/gpu_validate.sh bench-conv       # bf16 conv tables (issue #5)
 #   bash scripts/gpu_validate.sh bench-linalg     # rsvd, cqrrpt, lstsq, FWHT tables (issue #6)
@@ -67,6 +67,7 @@ case "$1" in
   bench-linear)
     $PY benchmarks/linear.py --device cuda --dtype bfloat16 --tokens 1,16,64,256,1024,4096,32768 \
       --sizes 1024,4096,8192,8192x2048 --ranks 32,128,512 2>&1 | tee "$out/linear_bf16.md"
+    $PY benchmarks/linear_kept_t.py --device cuda --dtype bfloat16 2>&1 | tee "$out/linear_kept_t_bf16.md"
     ;;
   bench-attention)
     $PY benchmarks/attention.py --device cuda --dtype bfloat16 --dims 64 --features 256 \

@@ -33,6 +33,7 @@ CASES = textwrap.dedent("""
         mask = torch.randn(1, 7, generator=g, dtype=torch.float64).requires_grad_()
         yield "lowrank", lambda: panther.lowrank_linear(x, A, B, b), (x, A, B, b)
         yield "lowrank, no bias", lambda: panther.lowrank_linear(x, A, B), (x, A, B)
+        yield "lowrank, frozen A", lambda: panther.lowrank_linear(x, A.detach(), B, b), (x, B, b)
         yield "sketched", lambda: panther.sketched_linear(x, S1, S2, U1, U2, b), (x, S1, S2, U1, U2, b)
         yield "sketched, no bias", lambda: panther.sketched_linear(x, S1, S2, U1, U2), (x, S1, S2, U1, U2)
         yield "attention", lambda: panther.performer_attention(q, k, v, W), (q, k, v, W)
@@ -110,3 +111,36 @@ def test_backward_op_called_with_grad_raises():
     gx = panther.lowrank_linear_backward(gy, x, A, B, [True, False, False, False])[0]
     with pytest.raises(RuntimeError, match="not implemented"):
         gx.sum().backward()
+
+
+@needs_ext
+def test_kept_intermediate_compiles_fullgraph_with_eager_gradients():
+    """Training through torch.compile traces lowrank_linear_with_t into the forward graph (t is saved for gA);
+    fullgraph, no recompile on a second call, and the eager gradients."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    forward_graphs = []
+
+    def keep_forward(gm, _):
+        forward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=keep_forward, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+              for s in ((4, 3, 6), (5, 2), (2, 6), (5,))]
+
+    def loss(x, A, B, b):
+        return panther.lowrank_linear(x, A, B, b).square().sum()
+
+    want = torch.autograd.grad(loss(*inputs), inputs)
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            got = torch.autograd.grad(compiled(*inputs), inputs)
+            for g_got, g_want in zip(got, want):
+                torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    assert len(forward_graphs) == 1
+    targets = {n.target for n in forward_graphs[0].graph.nodes if n.op == "call_function"}
+    assert torch.ops.panther.lowrank_linear_with_t.default in targets

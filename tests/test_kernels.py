@@ -17,7 +17,7 @@ import panther_fx
 from panther_fx.ops import linear as linear_ops
 
 panther = torch.ops.panther
-OPS = ("lowrank_linear", "sketched_linear", "lowrank_linear_backward", "sketched_linear_backward")
+OPS = ("lowrank_linear", "lowrank_linear_with_t", "sketched_linear", "lowrank_linear_backward", "sketched_linear_backward")
 BUILT = bool(glob.glob(os.path.join(os.path.dirname(panther_fx.__file__), "_C*.so")))
 needs_ext = pytest.mark.skipif(not BUILT or os.environ.get("PANTHER_NO_EXT") == "1",
                                reason="panther_fx._C is not built (PANTHER_BUILD_EXT=0) or disabled")
@@ -82,6 +82,30 @@ def test_native_kernel_runs(method):
     before = native_calls(f"{method}_linear_backward.cpu")
     getattr(panther, f"{method}_linear")(x, *factors, b).sum().backward()
     assert native_calls(f"{method}_linear_backward.cpu") == before + 1
+
+
+@needs_ext
+def test_lowrank_keeps_t_only_when_A_needs_a_gradient():
+    """Training (A requires grad) runs lowrank_linear_with_t and takes gA from the kept t; a frozen A, or no
+    grad mode, runs the plain op, which keeps nothing."""
+    x, (A, B), b = make_inputs("lowrank", (6,))
+
+    def kernels_run(fn):
+        names = ("lowrank_linear.cpu", "lowrank_linear_with_t.cpu")
+        before = [native_calls(n) for n in names]
+        fn()
+        return [native_calls(n) - c for n, c in zip(names, before)]
+
+    A.requires_grad_(True)
+    assert kernels_run(lambda: panther.lowrank_linear(x, A, B, b).sum().backward()) == [0, 1]
+    with torch.no_grad():
+        assert kernels_run(lambda: panther.lowrank_linear(x, A, B, b)) == [1, 0]
+    A.requires_grad_(False)
+    x.requires_grad_(True)
+    assert kernels_run(lambda: panther.lowrank_linear(x, A, B, b).sum().backward()) == [1, 0]
+    y, t = panther.lowrank_linear_with_t(x.detach(), A, B, b)
+    torch.testing.assert_close(t, x.detach() @ B.t(), rtol=0, atol=0)
+    torch.testing.assert_close(y, reference("lowrank_linear")(x.detach(), A, B, b), **TOL[torch.float32])
 
 
 def check_forward(method, device, dtype, lead, bias, noncontig, L=1, r=12):
@@ -171,6 +195,8 @@ def test_opcheck_cpu(method, bias):
     x, factors, b = make_inputs(method, (2, 3), L=2, bias=bias)
     args = [t.requires_grad_(True) for t in (x, *factors)] + [b]
     torch.library.opcheck(getattr(panther, f"{method}_linear").default, tuple(args))
+    if method == "lowrank":  # no derivative of its own: called below autograd, on inputs without grad
+        torch.library.opcheck(panther.lowrank_linear_with_t.default, (x.detach(), *(f.detach() for f in factors), b))
     gy = torch.randn(2, 3, 40)
     for needs in all_needs(method)[:2]:
         torch.library.opcheck(getattr(panther, f"{method}_linear_backward").default, (gy, x.detach(),
@@ -289,6 +315,8 @@ def test_opcheck_cuda(method, tokens):
     x, factors, b = make_inputs(method, (tokens,), L=2, device="cuda")
     args = [t.requires_grad_(True) for t in (x, *factors)] + [b]
     torch.library.opcheck(getattr(panther, f"{method}_linear").default, tuple(args))
+    if method == "lowrank":
+        torch.library.opcheck(panther.lowrank_linear_with_t.default, (x.detach(), *(f.detach() for f in factors), b))
     gy = torch.randn(tokens, 40, device="cuda")
     torch.library.opcheck(getattr(panther, f"{method}_linear_backward").default,
                           (gy, x.detach(), *(f.detach() for f in factors), all_needs(method)[0]))

@@ -25,6 +25,13 @@ at::Tensor sketched_linear_cpu(const at::Tensor& x, const at::Tensor& S1, const 
   return sketched_linear_gemm(x, S1, S2, U1, U2, bias, concat_pays(tokens_of(x), S1.size(2)));
 }
 
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_cpu(const at::Tensor& x, const at::Tensor& A,
+                                                             const at::Tensor& B, const OptTensor& bias) {
+  check_lowrank(x, A, B, bias);
+  count_call("lowrank_linear_with_t.cpu");
+  return lowrank_linear_with_t_gemm(x, A, B, bias);
+}
+
 LowrankGrads lowrank_linear_backward_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
                                          const at::Tensor& B, std::array<bool, 4> needs) {
   count_call("lowrank_linear_backward.cpu");
@@ -42,6 +49,7 @@ SketchedGrads sketched_linear_backward_cpu(const at::Tensor& gy, const at::Tenso
 
 TORCH_LIBRARY_IMPL(panther, CPU, m) {
   m.impl("lowrank_linear", &lowrank_linear_cpu);
+  m.impl("lowrank_linear_with_t", &lowrank_linear_with_t_cpu);
   m.impl("sketched_linear", &sketched_linear_cpu);
   m.impl("lowrank_linear_backward", &lowrank_linear_backward_cpu);
   m.impl("sketched_linear_backward", &sketched_linear_backward_cpu);

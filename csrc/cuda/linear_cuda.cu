@@ -252,6 +252,15 @@ at::Tensor sketched_linear_cuda(const at::Tensor& x, const at::Tensor& S1, const
   return sketched_linear_gemm(x, S1, S2, U1, U2, bias, /*concat=*/tokens > 2 * k);
 }
 
+// Training forward (A needs a gradient): always the two cuBLAS GEMMs, which produce t; the fused small-token
+// kernel keeps t on chip and has nothing to return.
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_cuda(const at::Tensor& x, const at::Tensor& A,
+                                                              const at::Tensor& B, const OptTensor& bias) {
+  check_lowrank(x, A, B, bias);
+  count_call("lowrank_linear_with_t.cuda");
+  return lowrank_linear_with_t_gemm(x, A, B, bias);
+}
+
 LowrankGrads lowrank_linear_backward_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
                                           const at::Tensor& B, std::array<bool, 4> needs) {
   count_call("lowrank_linear_backward.cuda");
@@ -280,6 +289,7 @@ TORCH_LIBRARY_FRAGMENT(panther, m) {
 
 TORCH_LIBRARY_IMPL(panther, CUDA, m) {
   m.impl("lowrank_linear", &lowrank_linear_cuda);
+  m.impl("lowrank_linear_with_t", &lowrank_linear_with_t_cuda);
   m.impl("sketched_linear", &sketched_linear_cuda);
   m.impl("lowrank_linear_backward", &lowrank_linear_backward_cuda);
   m.impl("sketched_linear_backward", &sketched_linear_backward_cuda);

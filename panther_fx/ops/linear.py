@@ -16,9 +16,9 @@ from torch import Tensor
 from ._autocast import autocast_to_lower_precision
 from ._library import check_no_double_backward, define_op, register_autograd
 
-__all__ = ["lowrank_linear", "lowrank_linear_backward", "sketched_linear", "sketched_linear_backward",
-           "lowrank_linear_body", "lowrank_linear_backward_body", "sketched_linear_body",
-           "sketched_linear_backward_body", "sketch_concat"]
+__all__ = ["lowrank_linear", "lowrank_linear_with_t", "lowrank_linear_backward", "sketched_linear",
+           "sketched_linear_backward", "lowrank_linear_body", "lowrank_linear_with_t_body",
+           "lowrank_linear_backward_body", "sketched_linear_body", "sketched_linear_backward_body", "sketch_concat"]
 
 
 def _check_lowrank(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor]) -> None:
@@ -48,6 +48,28 @@ def _lowrank_fake(x, A, B, bias=None):
 
 lowrank_linear = define_op("lowrank_linear(Tensor x, Tensor A, Tensor B, Tensor? bias=None) -> Tensor",
                            lowrank_linear_body, _lowrank_fake)
+
+
+def lowrank_linear_with_t_body(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(y, t): :func:`lowrank_linear_body`'s y and its rank-r intermediate t = x Bᵀ (..., r).
+
+    The C++ autograd kernel calls this op when A needs a gradient and keeps t for gA = gyᵀ t, so that the
+    backward does not read x again to recompute t. It has no derivative of its own.
+    """
+    _check_lowrank(x, A, B, bias)
+    t = torch.matmul(x, B.t())
+    y = torch.addmm(bias, t.reshape(-1, t.shape[-1]), A.t()) if bias is not None else torch.matmul(t, A.t())
+    return y.reshape(*x.shape[:-1], A.shape[0]), t
+
+
+def _lowrank_with_t_fake(x, A, B, bias=None):
+    _check_lowrank(x, A, B, bias)
+    return x.new_empty((*x.shape[:-1], A.shape[0])), x.new_empty((*x.shape[:-1], B.shape[0]))
+
+
+lowrank_linear_with_t = define_op(
+    "lowrank_linear_with_t(Tensor x, Tensor A, Tensor B, Tensor? bias=None) -> (Tensor, Tensor)",
+    lowrank_linear_with_t_body, _lowrank_with_t_fake)
 
 
 def _bias_given(inputs: tuple, position: int) -> bool:
