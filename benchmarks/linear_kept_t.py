@@ -13,11 +13,9 @@ exactly what the previous autograd kernel ran. Medians over interleaved rounds a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
+from linear import Timer  # the sibling benchmark's interleaved CUDA-event / perf_counter timer
 from tabulate import tabulate
 
 import panther_fx  # noqa: F401  (registers torch.ops.panther)
@@ -28,31 +26,18 @@ CASES = {"cpu": [(8192, 2048, 2048, 128), (16384, 4096, 4096, 64)],
          "cuda": [(32768, 8192, 8192, 128), (32768, 4096, 4096, 128), (8192, 8192, 8192, 512)]}
 
 
-def seconds(fn: Callable[[], None], device: torch.device) -> float:
-    """One timed call: CUDA events on the current stream, perf_counter on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_s
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--reps", type=int, default=9, help="interleaved rounds after one warm-up round")
+    p.add_argument("--reps", type=int, default=9, help="interleaved rounds after one warm-up call of each")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)
+    timer = Timer(device, reps=args.reps, warmup=1, min_time=0.0)  # interleaved, so load hits both alike
     rows = []
     for N, I, O, r in CASES[args.device]:
         def rnd(*shape):
@@ -70,16 +55,8 @@ def main() -> None:
                 P.lowrank_linear(x, A, B, b)
                 P.lowrank_linear_backward(gy, x, A, B, [True, True, True, True])
 
-        runs = {"kept t": kept_t, "recompute t": recompute_t}
-        samples: dict[str, list[float]] = {name: [] for name in runs}
-        for round_ in range(args.reps + 1):  # interleaved, so that a load change hits both alike
-            for name, fn in runs.items():
-                elapsed = seconds(fn, device)
-                if round_:
-                    samples[name].append(elapsed)
-        times = {name: statistics.median(ts) for name, ts in samples.items()}
-        rows.append([f"{N}x{I}->{O} r={r}", f"{times['kept t'] * 1e3:.2f}", f"{times['recompute t'] * 1e3:.2f}",
-                     f"{times['recompute t'] / times['kept t']:.2f}"])
+        kept, recomputed = timer.many([kept_t, recompute_t])
+        rows.append([f"{N}x{I}->{O} r={r}", f"{kept * 1e3:.2f}", f"{recomputed * 1e3:.2f}", f"{recomputed / kept:.2f}"])
     print(f"device {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}, {args.dtype}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(tabulate(rows, headers=["case", "kept t ms", "recompute t ms", "speedup"], tablefmt="github"))

@@ -48,12 +48,13 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.name not in found:
         raise CLIError(f"unknown benchmark {args.name!r} (available: {', '.join(found) or 'none'})")
-    argv = sys.argv
+    argv, path = sys.argv, list(sys.path)
     sys.argv = [str(found[args.name]), *args.args]
+    sys.path.insert(0, str(found[args.name].parent))  # as `python benchmarks/NAME.py` has: siblings import
     try:
         runpy.run_path(str(found[args.name]), run_name="__main__")
     except SystemExit as e:
         if e.code not in (None, 0):
             raise CLIError(f"benchmark {args.name!r} exited with status {e.code}") from None
     finally:
-        sys.argv = argv
+        sys.argv, sys.path[:] = argv, path
