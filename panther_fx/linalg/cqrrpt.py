@@ -7,6 +7,7 @@ Luszczek 2023), for tall matrices A (m, n), m >= n.
    threshold τ = 2 eps^0.95 of A's dtype (RandLAPACK's choice): 5.3e-7 for float32, 2.7e-15 for float64.
 4. Precondition: A_pre = A[:, piv[:k]] R_sk[:k, :k]⁻¹, which is well conditioned whatever cond(A) is.
 5. Cholesky QR of A_pre: G = A_preᵀ A_pre = R_cᵀ R_c, Q = A_pre R_c⁻¹, R = R_c R_sk[:k, :].
+6. The rank confirmed on R, the factor of A itself: trailing rows with ‖R[i:, :]‖_F <= τ max|R[j, j]| dropped.
 
 Then A[:, piv] ≈ Q R with Q (m, k) orthonormal and R (k, n) upper trapezoidal, to working precision.
 Cost: one sketch, two m·k² passes (triangular solve, Gram) and one GEMM, against Householder QR's 4 m n².
