@@ -36,9 +36,14 @@ void check_no_double_backward(const char* op) {
   TORCH_CHECK(!at::GradMode::is_enabled(), "panther::", op, ": double backward (create_graph=True) is not supported");
 }
 
-// needs_input_grad counts the tensor arguments that were given: an absent optional one has no autograd edge.
-bool needs_optional(AutogradContext* ctx, const at::Tensor& saved, size_t edge) {
-  return saved.defined() && ctx->needs_input_grad(edge);
+// Which of the N tensor inputs need a gradient, the last being optional (saved undefined when absent):
+// needs_input_grad counts the tensor arguments that were given, so an absent optional one has no autograd edge.
+template <size_t N>
+std::array<bool, N> needs_grad(AutogradContext* ctx, const at::Tensor& saved_optional) {
+  std::array<bool, N> needs{};
+  for (size_t i = 0; i + 1 < N; ++i) needs[i] = ctx->needs_input_grad(i);
+  needs[N - 1] = saved_optional.defined() && ctx->needs_input_grad(N - 1);
+  return needs;
 }
 
 using LowrankSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&);
@@ -73,8 +78,8 @@ class LowrankLinear : public torch::autograd::Function<LowrankLinear> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& t = saved[4];
     const bool gA_from_t = t.defined() && ctx->needs_input_grad(1);
-    const std::array<bool, 4> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1) && !gA_from_t,
-                                       ctx->needs_input_grad(2), needs_optional(ctx, saved[3], 3)};
+    auto needs = needs_grad<4>(ctx, saved[3]);
+    needs[1] = needs[1] && !gA_from_t;
     auto [gx, gA, gB, gbias] = op.call(grads[0], saved[0], saved[1], saved[2], needs);
     if (gA_from_t) {
       const auto& A = saved[1];
@@ -103,9 +108,7 @@ class SketchedLinear : public torch::autograd::Function<SketchedLinear> {
     static const auto op = find_op<SketchedBackwardSig>("panther::sketched_linear_backward");
     check_no_double_backward("sketched_linear");
     const auto s = ctx->get_saved_variables();
-    std::array<bool, 6> needs{};
-    for (size_t i = 0; i < 5; ++i) needs[i] = ctx->needs_input_grad(i);
-    needs[5] = needs_optional(ctx, s[5], 5);
+    const auto needs = needs_grad<6>(ctx, s[5]);
     const auto [gx, gS1, gS2, gU1, gU2, gbias] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], needs);
     return {or_undefined(gx),  or_undefined(gS1), or_undefined(gS2),
             or_undefined(gU1), or_undefined(gU2), or_undefined(gbias)};
@@ -136,9 +139,7 @@ class PerformerAttention : public torch::autograd::Function<PerformerAttention> 
     static const auto op = find_op<AttentionBackwardSig>("panther::performer_attention_backward");
     check_no_double_backward("performer_attention");
     const auto s = ctx->get_saved_variables();
-    std::array<bool, 5> needs{};
-    for (size_t i = 0; i < 4; ++i) needs[i] = ctx->needs_input_grad(i);
-    needs[4] = needs_optional(ctx, s[4], 4);
+    const auto needs = needs_grad<5>(ctx, s[4]);
     const OptTensor mask = s[4].defined() ? OptTensor(s[4]) : std::nullopt;
     const std::string kernel_fn = ctx->saved_data["kernel_fn"].toStringRef();
     const auto scale = ctx->saved_data["scale"].toOptional<double>();
