@@ -1,0 +1,1 @@
+"""cuda_emu: run csrc/cuda kernels on the CPU for tests (README.md)."""
