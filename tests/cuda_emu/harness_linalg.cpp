@@ -1,8 +1,8 @@
 // cuda_emu harness: the FWHT and sparse-sketch kernels (csrc/cuda/linalg_cuda.cu) on the CPU, with their checks
 // from csrc/linalg.cpp; the CUDA registration is compiled out (the real extension owns the op names).
-#include <cuda_runtime.h>
-#include <torch/extension.h>
 #include <torch/library.h>
+
+#include "harness.h"
 
 #include "linalg.cpp"
 
@@ -16,12 +16,7 @@ void count_call(const char*) {}  // dispatch counting belongs to the real extens
 #undef TORCH_LIBRARY_IMPL
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("configure", [](bool reverse) { cuda_emu::rt().reverse = reverse; });
-  m.def("launches", [] {
-    const size_t n = cuda_emu::rt().launches.size();
-    cuda_emu::rt().launches.clear();
-    return n;
-  });
+  cuda_emu::bind_runtime(m);
   m.def("fwht", &panther::fwht_cuda);
   m.def("sparse_sketch", &panther::sparse_sketch_cuda);
   m.def("sparse_sketch_t", &panther::sparse_sketch_t_cuda);
