@@ -14,7 +14,6 @@
 // inside a wmma call, and the GPU's float rounding of tensor-core sums (the emulation sums in float, in order).
 #pragma once
 
-#include <strings.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -334,10 +333,6 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   cuda_emu::warp_barrier();
 }
 template <typename T>
-T __shfl_sync(unsigned mask, T x, int src_lane, int width = 32) {
-  return cuda_emu::shuffle(mask, x, [&](int) { return width == 32 ? src_lane & 31 : -1; });
-}
-template <typename T>
 T __shfl_xor_sync(unsigned mask, T x, int lane_mask, int width = 32) {
   return cuda_emu::shuffle(mask, x, [&](int l) { return width == 32 ? l ^ lane_mask : -1; });
 }
@@ -345,7 +340,6 @@ template <typename T>
 T __shfl_down_sync(unsigned mask, T x, unsigned delta, int width = 32) {
   return cuda_emu::shuffle(mask, x, [&](int l) { return width == 32 && l + static_cast<int>(delta) < 32 ? l + static_cast<int>(delta) : -1; });
 }
-inline int __ffs(int x) { return ffs(x); }
 [[noreturn]] inline void __trap() { cuda_emu::fail("__trap()"); }
 // Fibers never run concurrently and an atomic never yields, so a plain update is atomic.
 template <typename T>
