@@ -10,6 +10,7 @@
 #   bash scripts/gpu_validate.sh bench-conv       # bf16 conv tables (issue #5)
 #   bash scripts/gpu_validate.sh bench-linalg     # rsvd, cqrrpt, lstsq, FWHT tables (issue #6)
 #   bash scripts/gpu_validate.sh bench-overhead   # per-call host cost of the linear/attention ops on CUDA
+#   bash scripts/gpu_validate.sh bench-policy     # min_speedup's choices re-timed: linear >= 1.0x, conv >= 1.5x (#3, #5)
 #   bash scripts/gpu_validate.sh bench-cpu-linalg # cqrrpt vs SciPy's pivoted QR on the host's cores (issue #6)
 #
 # Several steps may be named in one call (`bash scripts/gpu_validate.sh bench-linear bench-conv`); the build runs
@@ -85,13 +86,21 @@ case "$1" in
   bench-overhead)
     $PY benchmarks/call_overhead.py --device cuda 2>&1 | tee "$out/call_overhead.md"
     ;;
+  bench-policy)
+    # A reduced grid: every case compiles twice (a few seconds each). Conv fractions 1/8 and 1/16 are the
+    # shapes with >= 4x fewer parameters, which issue #5's target is about.
+    $PY benchmarks/policy_speed.py --op linear --device cuda --dtype bfloat16 --min-speedup 1.0 \
+      --tokens 1,16,64,256,4096,32768 --sizes 1024,4096,8192 --ranks 32,128 2>&1 | tee "$out/policy_linear_bf16.md"
+    $PY benchmarks/policy_speed.py --op conv2d --device cuda --dtype bfloat16 --min-speedup 1.5 \
+      --image-sizes 32,64,128 --fractions 0.125,0.0625 2>&1 | tee "$out/policy_conv_bf16.md"
+    ;;
   bench-cpu-linalg)
     threads=$(nproc)
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads \
       $PY benchmarks/linalg.py --device cpu --threads "$threads" --only cqrrpt 2>&1 | tee "$out/cpu_cqrrpt.md"
     ;;
   *)
-    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-cpu-linalg" >&2
+    echo "usage: bash scripts/gpu_validate.sh build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-policy|bench-cpu-linalg" >&2
     exit 2
     ;;
 esac
@@ -99,7 +108,7 @@ esac
 
 [[ $# -gt 0 ]] || { run_step usage; }
 for step in "$@"; do
-  case "$step" in build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-cpu-linalg) ;;
+  case "$step" in build-test|sanitize|bench-linear|bench-attention|bench-conv|bench-linalg|bench-overhead|bench-policy|bench-cpu-linalg) ;;
     *) run_step "$step" ;; esac
 done
 build
