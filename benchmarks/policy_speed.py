@@ -35,6 +35,8 @@ from torch import nn
 import panther_fx
 from panther_fx.passes.speed import median_ms, random_input
 
+from linear import ints, parse_sizes  # a sibling benchmark, importable as `python benchmarks/...` runs it
+
 
 @dataclass(frozen=True)
 class Case:
@@ -46,21 +48,8 @@ class Case:
     rank: int | float
 
 
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
-
-
-def sizes(text: str) -> list[tuple[int, int]]:
-    """"1024,8192x2048" -> [(1024, 1024), (8192, 2048)] as (in, out)."""
-    pairs = []
-    for item in text.split(","):
-        i, _, o = item.partition("x")
-        pairs.append((int(i), int(o or i)))
-    return pairs
 
 
 def linear_cases(args: argparse.Namespace) -> Iterator[Case]:
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=25)
     linear = p.add_argument_group("linear")
     linear.add_argument("--tokens", type=ints, default=ints("1,16,64,256,4096,32768"))
-    linear.add_argument("--sizes", type=sizes, default=sizes("1024,4096,8192,8192x2048"), help="in[xout],...")
+    linear.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1024,4096,8192,8192x2048"), help="in[xout],...")
     linear.add_argument("--ranks", type=ints, default=ints("32,128,512"))
     conv = p.add_argument_group("conv2d")
     conv.add_argument("--batch", type=int, default=32)
