@@ -62,10 +62,10 @@ def _similarity_kl(es: Tensor, et: Tensor, temperature: float) -> Tensor:
 
 
 def _loss(kind: str, hs: Tensor, ht: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    if hs.dim() == 2:  # (batch, d): pooled features, one "token" per example; the token mask does not apply
+        hs, ht, mask = hs.unsqueeze(-2), ht.unsqueeze(-2), hs.new_ones(hs.shape[0], 1, 1)
     if kind == "mse":  # mean squared error per feature over the real (unmasked) tokens
         return ((hs - ht) ** 2 * mask).sum() / (mask.sum() * hs.shape[-1]).clamp_min(1)
-    if hs.dim() == 2:  # (batch, d): one embedding per example already, nothing to pool over
-        hs, ht, mask = hs.unsqueeze(-2), ht.unsqueeze(-2), mask.unsqueeze(-2)
     es, et = _pooled(hs, mask), _pooled(ht, mask)
     cosine = (1 - (es * et).sum(-1)).mean()
     if kind == "cosine":
@@ -80,7 +80,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
     """Train ``student`` to match ``teacher`` on ``batches``; return the mean loss of each epoch.
 
     - ``batches``: re-iterable (a list) of model inputs: dicts of keyword tensors (tokenizer outputs), tensors
-      or tuples of positional tensors. A dict's ``attention_mask`` masks padding out of the loss.
+      or tuples of positional tensors. A dict's ``attention_mask`` masks padding out of the loss of
+      (batch, tokens, d) features; (batch, d) features (already pooled by ``features``) ignore it.
     - ``loss``: ``"mse"`` between the (batch, tokens, d) hidden states over real tokens; ``"cosine"``:
       1 − cos between the mean-pooled, normalised sentence embeddings e; ``"similarity"``: that cosine term plus
       KL(teacher || student) of each text's in-batch similarity distribution softmax_j(e_i · e_j / temperature)
