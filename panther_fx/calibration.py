@@ -44,6 +44,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, policy: Any = None) -
     tuple/list of positional arguments, or one tensor. With ``policy``, only the layers it sends to
     ``asvd`` are recorded. The result is what ``options={"calibration": ...}`` and
     ``convert(..., calibration=...)`` take.
+
+    The model runs in eval mode (dropout off, batch norm on its running statistics), so the Gram matrices
+    describe the inputs the layers see at inference and are the same from run to run; every module's own
+    train/eval mode is restored after.
     """
     paths = set(_selected_paths(model, policy))
     grams: dict[str, torch.Tensor] = {}
@@ -62,6 +66,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, policy: Any = None) -
 
     handles = [m.register_forward_pre_hook(hook(path)) for path, m in model.named_modules()
                if path in paths and isinstance(m, nn.Linear)]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         seen = 0
         for batch in batches:
@@ -71,6 +77,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, policy: Any = None) -
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
     if seen == 0:
         raise ValueError("calibrate: no calibration batches were given")
     return grams

@@ -93,6 +93,18 @@ def test_calibrate_gram_matches_manual_and_skips_padding():
         calibrate(model, [])
 
 
+def test_calibrate_runs_in_eval_mode_and_restores_each_module_mode():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 16), nn.Dropout(0.5))
+    model[3].eval()  # a mixed-mode model: every module's own mode comes back
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=g) for _ in range(2)]
+    grams = calibrate(model, batches)
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]
+    with torch.no_grad():
+        hidden = torch.cat([model[0](x) for x in batches]).double()  # dropout off: what inference sees
+    torch.testing.assert_close(grams["2"], hidden.T @ hidden)
+
+
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
