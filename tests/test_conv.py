@@ -234,6 +234,21 @@ def test_modules_train_and_report_shapes():
         LowRankConv2d(8, 16, 3, groups=2, rank=5)
 
 
+@pytest.mark.parametrize("rank, message", [(0, "rank=0 must be an integer >= 1"), (-1, "rank=-1 must be"),
+                                           (7, "rank=7 must be a multiple of groups=2"),
+                                           (1000, r"rank=1000 exceeds groups · min\(O/G, C/G·kh·kw\) = 6")])
+def test_lowrank_from_dense_rejects_bad_rank(rank, message):
+    # used to clamp silently: 0 and -1 gave rank 1 (per group), 1000 the full rank
+    with pytest.raises(ValueError, match=rf"LowRankConv2d.from_dense: {message}"):
+        LowRankConv2d.from_dense(nn.Conv2d(4, 6, 3, groups=2), rank)
+
+
+@pytest.mark.parametrize("num_terms, low_rank, message", [(0, 4, "num_terms=0"), (1, 0, "low_rank=0")])
+def test_sketch_from_dense_rejects_bad_sizes(num_terms, low_rank, message):
+    with pytest.raises(ValueError, match=rf"SKConv2d.from_dense: {message} must be an integer >= 1"):
+        SKConv2d.from_dense(nn.Conv2d(4, 6, 3), num_terms, low_rank)
+
+
 def test_modules_compile_train_and_export():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 6, 6)

@@ -139,6 +139,22 @@ def test_constructor_errors():
         LowRankLinear(6, 4, 0)
 
 
+@pytest.mark.parametrize("rank, message", [(-1, "rank=-1 must be an integer >= 1"), (0, "rank=0 must be"),
+                                           (2.5, "rank=2.5 must be an integer"),
+                                           (17, r"rank=17 exceeds min\(in_features, out_features\) = 16")])
+def test_lowrank_from_dense_rejects_bad_rank(rank, message):
+    # used to slice silently: rank -1 gave rank 15, 0 a bias-only layer, 17 a clamped rank 16
+    with pytest.raises(ValueError, match=rf"LowRankLinear.from_dense: {message}"):
+        LowRankLinear.from_dense(nn.Linear(24, 16), rank)
+
+
+@pytest.mark.parametrize("num_terms, low_rank, message", [(0, 4, "num_terms=0"), (1, 0, "low_rank=0"),
+                                                          (1, -2, "low_rank=-2"), (True, 4, "num_terms=True")])
+def test_sklinear_from_dense_rejects_bad_sizes(num_terms, low_rank, message):
+    with pytest.raises(ValueError, match=rf"SKLinear.from_dense: {message} must be an integer >= 1"):
+        SKLinear.from_dense(nn.Linear(24, 16), num_terms, low_rank)
+
+
 def test_extra_repr():
     assert repr(SKLinear(6, 4, 2, 3, seed=0)) == "SKLinear(in_features=6, out_features=4, num_terms=2, low_rank=3, bias=True)"
     assert repr(LowRankLinear(6, 4, 2, bias=False, seed=0)) == "LowRankLinear(in_features=6, out_features=4, rank=2, bias=False)"

@@ -6,6 +6,8 @@ same layer on every device, and a CPU generator can initialise a CUDA layer.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -24,3 +26,10 @@ def seeded_generator(seed: Seed) -> torch.Generator:
 def uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator, *, device, dtype) -> Tensor:
     """U(±bound) of ``shape``, drawn on the generator's device, returned on ``device``."""
     return torch.empty(shape, dtype=dtype, device=generator.device).uniform_(-bound, bound, generator=generator).to(device)
+
+
+def check_sizes(where: str, **sizes) -> None:
+    """Raise a ValueError naming ``where`` unless every size (a rank, num_terms, low_rank) is an integer >= 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{where}: {name}={value!r} must be an integer >= 1")

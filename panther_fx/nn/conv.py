@@ -22,7 +22,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
 from ..linalg.conv import (conv_sketch_factors, conv_svd_factors, conv_weight_from_lowrank,
                            conv_weight_from_sketch)
 from ..ops.conv2d import conv_padding
-from ._init import Seed, seeded_generator, uniform
+from ._init import Seed, check_sizes, seeded_generator, uniform
 
 __all__ = ["LowRankConv2d", "SKConv2d"]
 
@@ -144,9 +144,16 @@ class LowRankConv2d(_FactoredConv2d):
     def from_dense(cls, conv: nn.Conv2d, rank: int, *, oversample: int = 10, n_iter: int = 2,
                    seed: Seed = 0) -> "LowRankConv2d":
         """Best rank-r/G approximation of each group's reshaped kernel of ``conv``
-        (:func:`panther_fx.linalg.conv.conv_svd_factors`); the bias is copied."""
+        (:func:`panther_fx.linalg.conv.conv_svd_factors`); the bias is copied. ``rank`` must be a multiple of
+        G and at most G · min(O/G, C/G·kh·kw), the full rank."""
+        check_sizes("LowRankConv2d.from_dense", rank=rank)
         if rank % conv.groups:
             raise ValueError(f"LowRankConv2d.from_dense: rank={rank} must be a multiple of groups={conv.groups}")
+        O, Cg, kh, kw = conv.weight.shape
+        full = conv.groups * min(O // conv.groups, Cg * kh * kw)
+        if rank > full:  # each group's truncated SVD has at most that many terms: a larger rank would be clamped
+            raise ValueError(f"LowRankConv2d.from_dense: rank={rank} exceeds groups · min(O/G, C/G·kh·kw) = {full} "
+                             f"of {conv}")
         V, U = conv_svd_factors(conv.weight, rank, groups=conv.groups, oversample=oversample, n_iter=n_iter,
                                 generator=seeded_generator(seed))
         return cls.from_factors(conv, {"V": V, "U": U})
@@ -217,6 +224,7 @@ class SKConv2d(_FactoredConv2d):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, num_terms: int = 6, low_rank: int = 8, *, seed: Seed = 0) -> "SKConv2d":
         """Sketch ``conv.weight`` (:func:`panther_fx.linalg.conv.conv_sketch_factors`) and copy its bias."""
+        check_sizes("SKConv2d.from_dense", num_terms=num_terms, low_rank=low_rank)
         S1, U1 = conv_sketch_factors(conv.weight, num_terms, low_rank, groups=conv.groups,
                                      generator=seeded_generator(seed))
         return cls.from_factors(conv, {"S1": S1, "U1": U1})

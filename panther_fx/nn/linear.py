@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
 from ..linalg import sketch_factors, sketch_weight, svd_factors
-from ._init import Seed, seeded_generator, uniform
+from ._init import Seed, check_sizes, seeded_generator, uniform
 
 __all__ = ["SKLinear", "LowRankLinear"]
 
@@ -112,6 +112,7 @@ class SKLinear(nn.Module):
         The result is an unbiased but noisy estimate of the layer (relative error ≈ √((I+O)/(4Lk))): an
         initialisation for training, not post-training compression (use :class:`LowRankLinear` there).
         """
+        check_sizes("SKLinear.from_dense", num_terms=num_terms, low_rank=low_rank)
         S1, S2, U1, U2 = sketch_factors(linear.weight, num_terms, low_rank, generator=seeded_generator(seed))
         return cls.from_factors(S1, S2, U1, U2, _copy_bias(linear))
 
@@ -176,7 +177,13 @@ class LowRankLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, rank: int, *, oversample: int = 10, n_iter: int = 2,
                    seed: Seed = 0) -> "LowRankLinear":
         """Best rank-``rank`` approximation of ``linear.weight`` by :func:`panther_fx.linalg.svd_factors`
-        (exact SVD for small layers, randomized SVD otherwise), A = U√S, B = √S Vh; the bias is copied."""
+        (exact SVD for small layers, randomized SVD otherwise), A = U√S, B = √S Vh; the bias is copied.
+        ``rank`` must lie in [1, min(I, O)]."""
+        check_sizes("LowRankLinear.from_dense", rank=rank)
+        smallest = min(linear.in_features, linear.out_features)
+        if rank > smallest:  # a truncated SVD has at most that many terms: a larger rank would be clamped
+            raise ValueError(f"LowRankLinear.from_dense: rank={rank} exceeds min(in_features, out_features) = "
+                             f"{smallest} of {linear}")
         A, B = svd_factors(linear.weight, rank, oversample=oversample, n_iter=n_iter, generator=seeded_generator(seed))
         return cls.from_factors(A, B, _copy_bias(linear))
 
