@@ -149,6 +149,19 @@ def test_toml_round_trip():
     assert Policy.load(__import__("tomllib").loads(policy.to_toml())) == policy
 
 
+@pytest.mark.parametrize("match", ["re:(?x) fc1 \n | fc2", "a\x7fb", "tab\there", "nul\x00\x1f", "cr\r\x08\x0c",
+                                   "blöck.*", "emoji\U0001f600", 'back\\slash "quoted"'])
+def test_toml_round_trip_escapes_control_characters(match):
+    # newlines and control characters used to be written raw: invalid TOML that save wrote and load refused
+    policy = Policy.load({"rule": [{"match": match, "rank": 4}]})
+    assert Policy.load(__import__("tomllib").loads(policy.to_toml())) == policy
+
+
+def test_from_toml_names_the_source_of_invalid_text():
+    with pytest.raises(PolicyError, match=r"model\.safetensors\[policy\]: invalid TOML: .*line 2, column 11"):
+        Policy.from_toml('[[rule]]\nmatch = "a\nb"\n', source="model.safetensors[policy]")
+
+
 def test_load_policy_none_is_empty():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -185,12 +185,18 @@ class Policy:
                 text = path.read_text()
             except OSError as e:
                 raise PolicyError(f"cannot read policy file {str(path)!r}: {e.strerror}") from None
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                raise PolicyError(f"{path}: invalid TOML: {e}") from None
-            return cls.from_dict(data, source=str(path))
+            return cls.from_toml(text, source=str(path))
         raise PolicyError(f"a policy must be a TOML path, a dict or a Policy, not {type(policy).__name__}")
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<toml>") -> "Policy":
+        """Parse TOML ``text``; a syntax error is a PolicyError naming ``source`` (a file, or where the text
+        was stored) and tomllib's line and column."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(f"{source}: invalid TOML: {e}") from None
+        return cls.from_dict(data, source=source)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Policy":
@@ -339,11 +345,21 @@ class Policy:
         return f"Policy(source={self.source!r}, defaults={self.defaults!r}, rules={len(self.rules)})"
 
 
+# A TOML basic string may not hold a raw newline, DEL or other control character: escape them, and \ and ".
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_char(ch: str) -> str:
+    if ch in _TOML_ESCAPES:
+        return _TOML_ESCAPES[ch]
+    return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(map(_toml_char, value)) + '"'
     return repr(value)
 
 
