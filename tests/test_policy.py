@@ -1,6 +1,11 @@
+import copy
+import io
+import pickle
 import warnings
 
 import pytest
+import torch
+from torch import nn
 
 from panther_fx.policy import Policy, PolicyError, compile_pattern, load_policy
 
@@ -160,6 +165,31 @@ def test_toml_round_trip_escapes_control_characters(match):
 def test_from_toml_names_the_source_of_invalid_text():
     with pytest.raises(PolicyError, match=r"model\.safetensors\[policy\]: invalid TOML: .*line 2, column 11"):
         Policy.from_toml('[[rule]]\nmatch = "a\nb"\n', source="model.safetensors[policy]")
+
+
+def test_policy_pickles_with_its_rules():
+    policy = Policy.load({"defaults": {"method": "svd", "rank": 4},
+                          "rule": [{"match": "enc.*.fc?", "rank": 2}, {"match": "re:dec\\.\\d+", "method": "dense"}]})
+    for back in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy)):
+        assert back == policy and back.source == policy.source
+        assert back.decide("enc.0.fc1", "linear", in_features=8, out_features=8).rank == 2
+        assert back.decide("dec.12", "linear", in_features=8, out_features=8).method == "dense"
+    assert pickle.loads(pickle.dumps(compile_pattern("a.**")))("a.b.c")
+
+
+def test_converted_model_pickles_with_its_policy():
+    # the policy convert attaches to the model held closures, so torch.save(model) failed
+    import panther_fx
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 8}, "rule": [{"match": "1", "method": "dense"}]})
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for back in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):  # a model built right here
+        assert back.panther_policy == model.panther_policy
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
 
 
 def test_load_policy_none_is_empty():

@@ -12,6 +12,7 @@ the whole dotted module path (``re.fullmatch``). In a glob the path is split at 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 __all__ = ["compile_pattern", "PatternError"]
 
@@ -50,7 +51,19 @@ def _glob_regex(glob: str) -> str:
     return "".join(parts)
 
 
-def compile_pattern(pattern: str):
+@dataclass(frozen=True)
+class _Matcher:
+    """``matches(path) -> bool``. A class holding the compiled regex rather than a closure, so that a Policy,
+    and a model converted with one (``model.panther_policy``), can be pickled."""
+
+    regex: re.Pattern
+    dotted: bool  # a glob's regex runs over "." + path (see _glob_regex)
+
+    def __call__(self, path: str) -> bool:
+        return self.regex.fullmatch("." + path if self.dotted and path else path) is not None
+
+
+def compile_pattern(pattern: str) -> _Matcher:
     """Return ``matches(path) -> bool`` for a policy ``match`` string.
 
     Raises :class:`PatternError` for an empty glob segment, a misplaced ``**`` or an invalid regex.
@@ -60,6 +73,5 @@ def compile_pattern(pattern: str):
             regex = re.compile(pattern[3:])
         except re.error as e:
             raise PatternError(f"invalid regular expression {pattern[3:]!r}: {e}") from None
-        return lambda path: regex.fullmatch(path) is not None
-    regex = re.compile(_glob_regex(pattern))
-    return lambda path: regex.fullmatch("." + path if path else "") is not None
+        return _Matcher(regex, dotted=False)
+    return _Matcher(re.compile(_glob_regex(pattern)), dotted=True)
