@@ -1,5 +1,6 @@
 """Performer attention: features, the op (against float64 references), causal/padding semantics, module."""
 
+import copy
 import math
 
 import pytest
@@ -313,6 +314,53 @@ def test_module_errors_and_redraw():
     m.redraw_features(7)
     torch.testing.assert_close(m.features, orthogonal_features(32, 8, generator=7))
     assert torch.equal(RandMultiheadAttention(16, 2, num_features=32, seed=0).features, before)
+
+
+def test_seeded_module_from_dense_and_convert_leave_the_global_rng_alone():
+    # xavier_uniform_ and out_proj's nn.Linear init used to draw from the global RNG despite the seed
+    import panther_fx
+
+    mha = torch.nn.MultiheadAttention(32, 4)
+    state = torch.random.get_rng_state()
+    a = RandMultiheadAttention(32, 4, num_features=16, seed=3)
+    cross = RandMultiheadAttention(32, 4, kdim=12, vdim=20, bias=False, num_features=16, seed=3)
+    RandMultiheadAttention.from_dense(mha, num_features=16)
+    panther_fx.convert(torch.nn.Sequential(mha), {"rule": [{"match": "0", "op": "attention", "seed": 7}]})
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = RandMultiheadAttention(32, 4, num_features=16, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # nn.MultiheadAttention's initialisation: Xavier bound √(6 / (E + 3E)), out_proj U(±1/√E), zero biases
+    assert a.in_proj_weight.abs().max() <= math.sqrt(6 / 128) and a.in_proj_weight.std() > 0.9 * math.sqrt(2 / 128)
+    assert a.out_proj.weight.abs().max() <= 1 / math.sqrt(32) and a.out_proj.weight.std() > 0.9 / math.sqrt(96)
+    assert not a.in_proj_bias.any() and not a.out_proj.bias.any()
+    assert cross.k_proj_weight.abs().max() <= math.sqrt(6 / 44) and cross.out_proj.bias is None
+
+
+def test_redraw_after_load_continues_the_original_stream():
+    m = RandMultiheadAttention(16, 2, num_features=32, seed=0)
+    m.redraw_features()
+    loaded = RandMultiheadAttention(16, 2, num_features=32, seed=1)  # a different seed: the state decides
+    loaded.load_state_dict(m.state_dict())
+    copied = copy.deepcopy(m)
+    before = m.features.clone()
+    for module in (m, loaded, copied):
+        module.redraw_features()
+    assert not torch.equal(m.features, before)
+    assert torch.equal(loaded.features, m.features) and torch.equal(copied.features, m.features)
+    m.redraw_features(7)  # an explicit generator leaves the module's own stream where it was
+    for module in (m, loaded):
+        module.redraw_features()
+    assert torch.equal(loaded.features, m.features)
+
+
+def test_state_dict_without_the_redraw_stream_still_loads():
+    # state dicts saved before the stream was stored: the module keeps its own stream, as it did then
+    old = RandMultiheadAttention(16, 2, num_features=32, seed=0).state_dict()
+    del old["feature_rng"]
+    fresh = RandMultiheadAttention(16, 2, num_features=32, seed=1)
+    stream = fresh.feature_rng.clone()
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.features, old["features"]) and torch.equal(fresh.feature_rng, stream)
 
 
 def test_inside_transformer_encoder_layer_no_fast_path_bypass():

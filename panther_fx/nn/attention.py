@@ -14,13 +14,17 @@ differences are explicit:
   dropout;
 - ``add_bias_kv``/``add_zero_attn`` are not supported.
 
-The feature matrix (num_features, head_dim) is a persistent buffer drawn from ``seed``; it never touches
-the global RNG. :meth:`RandMultiheadAttention.redraw_features` redraws it in place (periodic redraws
-during training are what the Performer paper recommends).
+The feature matrix (num_features, head_dim) and the projections are drawn from ``seed`` (an int or a
+``torch.Generator``) and never touch the global RNG; ``seed=None`` draws that seed from the global RNG, as
+``nn.MultiheadAttention`` draws its weights. :meth:`RandMultiheadAttention.redraw_features` redraws the
+features in place (periodic redraws during training are what the Performer paper recommends); where the
+redraws stand is the buffer ``feature_rng``, so a copy loaded from the state dict redraws what the original
+would.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 from ..linalg.features import orthogonal_features, redraw_features_
 from ..ops.attention import KERNELS, performer_multi_head_attention
-from ._init import Seed, seeded_generator
+from ._init import Seed, seeded_generator, uniform
 
 __all__ = ["RandMultiheadAttention"]
 
@@ -37,7 +41,8 @@ class RandMultiheadAttention(nn.Module):
     """Multi-head attention with FAVOR+ attention in O(L·m·d) time and memory.
 
     Shapes as ``nn.MultiheadAttention``: query (L, N, E) or (N, L, E) with ``batch_first``, key (S, N, kdim),
-    value (S, N, vdim), key_padding_mask (N, S); unbatched (L, E) inputs work too. Output (L, N, E).
+    value (S, N, vdim), key_padding_mask (N, S); unbatched (L, E) inputs work too. Output (L, N, E), or
+    (N, L, E) with ``batch_first``, or (L, E) for unbatched inputs.
     """
 
     # nn.TransformerEncoderLayer's fused fast path (eval + no grad) reads in_proj_weight and computes exact
@@ -80,33 +85,57 @@ class RandMultiheadAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        # skip_init: nn.Linear's own init would draw from the global RNG; _reset_parameters draws it from seed
+        self.out_proj = nn.utils.skip_init(nn.modules.linear.NonDynamicallyQuantizableLinear, embed_dim, embed_dim,
+                                           bias=bias, device=device if device is not None else
+                                           torch.get_default_device(), dtype=dtype)
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
-        self._generator = seeded_generator(seed)
-        self.register_buffer("features", orthogonal_features(num_features, self.head_dim, generator=self._generator,
+        generator = seeded_generator(seed)
+        self.register_buffer("features", orthogonal_features(num_features, self.head_dim, generator=generator,
                                                              device=device))
-        self._reset_parameters()
+        self._reset_parameters(generator)
+        # (seed of the redraw stream, redraws done): state, so that a loaded copy redraws like the original
+        stream_seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        self.register_buffer("feature_rng", torch.tensor([stream_seed, 0], dtype=torch.int64, device=device))
 
-    def _reset_parameters(self) -> None:
-        """nn.MultiheadAttention's initialization: Xavier-uniform projections, zero biases."""
+    @torch.no_grad()
+    def _reset_parameters(self, generator: torch.Generator) -> None:
+        """nn.MultiheadAttention's initialization, drawn from ``generator``: Xavier-uniform projections,
+        ``out_proj.weight`` as ``nn.Linear`` draws it (U(±1/√E)), zero biases."""
         for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
             if w is not None:
-                nn.init.xavier_uniform_(w)
+                fan_out, fan_in = w.shape
+                w.copy_(uniform(tuple(w.shape), math.sqrt(6.0 / (fan_in + fan_out)), generator, device=w.device,
+                                dtype=w.dtype))
+        weight = self.out_proj.weight
+        weight.copy_(uniform(tuple(weight.shape), 1.0 / math.sqrt(self.embed_dim), generator, device=weight.device,
+                             dtype=weight.dtype))
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # States saved before feature_rng existed (and nn.MultiheadAttention's) keep this module's own stream.
+        state_dict.setdefault(prefix + "feature_rng", self.feature_rng.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def redraw_features(self, generator: torch.Generator | int | None = None) -> None:
         """Draw a new feature matrix in place (compiled graphs see it without recompiling). With no
-        argument the next draw of the module's own generator (seeded at construction) is used."""
-        redraw_features_(self.features, generator=generator if generator is not None else self._generator)
+        argument the next draw of the module's own stream (``feature_rng``, seeded at construction) is used;
+        an explicit ``generator`` leaves that stream where it is."""
+        if generator is None:
+            self.feature_rng[1] += 1
+            stream_seed, draws = self.feature_rng.tolist()
+            generator = torch.Generator().manual_seed((stream_seed * 1_000_003 + draws) % 2**63)
+        redraw_features_(self.features, generator=generator)
 
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention, *, num_features: int = 256, kernel: str = "softmax",
-                   seed: Seed = None) -> "RandMultiheadAttention":
-        """A Performer copy of ``mha``: same projection weights and biases, dropout and layout."""
+                   seed: Seed = 0) -> "RandMultiheadAttention":
+        """A Performer copy of ``mha``: same projection weights and biases, dropout and layout; the features
+        are drawn from ``seed`` (0 by default, like the other ``from_dense``)."""
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("RandMultiheadAttention.from_dense: add_bias_kv/add_zero_attn are not supported")
         weight = mha.out_proj.weight
