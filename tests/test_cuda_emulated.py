@@ -1,7 +1,8 @@
 """CUDA kernels run on the CPU under cuda_emu (tests/cuda_emu): the CUDA source itself, with its tiles,
 shared-memory layout and barriers, against the float64 reference bodies. Each case runs in both scheduling
 orders, so a missing barrier changes the result. Covered: the FWHT and sparse-sketch kernels
-(csrc/cuda/linalg_cuda.cu). The GPU tests (test_linalg_kernels.py) check the same kernels on the hardware."""
+(csrc/cuda/linalg_cuda.cu) and the fused small-token linear kernel (csrc/cuda/linear_cuda.cu). The GPU tests
+(test_linalg_kernels.py, test_kernels.py) check the same kernels on the hardware."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from panther_fx.ops import linalg as linalg_ops
+from panther_fx.ops import linear as linear_ops
 
 from test_attention_kernels import assert_rel
 
@@ -69,3 +71,59 @@ def test_sparse_sketches_match_reference(emu_linalg, dtype):
                    linalg_ops.sparse_sketch_body(A.double(), rows, vals.double(), 40), tol)
         assert_rel(emu_linalg.sparse_sketch_t(G, rows, vals).double(),
                    linalg_ops.sparse_sketch_t_body(G.double(), rows, vals.double()), tol)
+
+
+@pytest.fixture(scope="module")
+def emu_linear():
+    module = build("emu_linear", "linear_cuda.cu")
+    module.fused_limits(256, 2 ** 40)  # the fused kernel for every case below (the module's own limits)
+    return module
+
+
+def fused_linear_tol(dtype):
+    """float32: the kernel's float32 sums; half precisions: the one rounding of y (t stays float32 on chip)."""
+    return 16 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+
+
+def run_fused(module, op, args):
+    """``op(*args)`` in both scheduling orders; the two results, each from a single fused launch."""
+    results = []
+    for reverse in (False, True):
+        module.configure(reverse)
+        module.take_launches()
+        results.append(getattr(module, op)(*args))
+        assert len(module.take_launches()) == 1, "expected the fused kernel (one launch), got the GEMM form"
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 19])
+@pytest.mark.parametrize("rank", [40, 600])
+def test_fused_lowrank_linear_matches_reference(emu_linear, dtype, tokens, rank):
+    """Token tiles of 1, 2, 4 and 8 (19: three blocks, the last ragged), 300 inputs (three 128-wide chunks, the
+    last ragged), 700 outputs (two 512-column tiles), a rank below and above the 512 threads."""
+    g = torch.Generator().manual_seed(tokens * 1000 + rank)
+    x = torch.randn(tokens, 300, generator=g).to(dtype)
+    A = (torch.randn(700, rank, generator=g) / rank ** 0.5).to(dtype)
+    B = (torch.randn(rank, 300, generator=g) / 300 ** 0.5).to(dtype)
+    bias = torch.randn(700, generator=g).to(dtype)
+    expected = linear_ops.lowrank_linear_body(x.double(), A.double(), B.double(), bias.double())
+    for y in run_fused(emu_linear, "lowrank_linear", (x, A, B, bias)):
+        assert y.dtype == dtype and y.shape == (tokens, 700)
+        assert_rel(y.double(), expected, fused_linear_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 4, 19])
+@pytest.mark.parametrize("terms,k", [(2, 20), (1, 300)])
+def test_fused_sketched_linear_matches_reference(emu_linear, dtype, tokens, terms, k):
+    """2Lk = 80 (input rows split over six thread groups that sum with shared-memory atomics) and 2Lk = 600
+    (a thread per column, no atomics); 300 inputs, 700 outputs, no bias."""
+    g = torch.Generator().manual_seed(tokens * 1000 + k)
+    x = torch.randn(tokens, 300, generator=g).to(dtype)
+    S1, U2 = ((torch.randn(terms, 300, k, generator=g) / 300 ** 0.5).to(dtype) for _ in range(2))
+    S2, U1 = ((torch.randn(terms, k, 700, generator=g) / k ** 0.5).to(dtype) for _ in range(2))
+    expected = linear_ops.sketched_linear_body(x.double(), S1.double(), S2.double(), U1.double(), U2.double())
+    for y in run_fused(emu_linear, "sketched_linear", (x, S1, S2, U1, U2, None)):
+        assert y.dtype == dtype and y.shape == (tokens, 700)
+        assert_rel(y.double(), expected, fused_linear_tol(dtype))
