@@ -237,3 +237,53 @@ def test_input_is_left_untouched(pivoting, layout):
     Q, R, piv = cqrrpt(A, generator=17, pivoting=pivoting)
     assert torch.equal(A, before)
     assert_factorization(A, Q, R, piv, rank=N)
+
+
+def orthonormal(m, n, seed, dtype=F64):
+    return torch.linalg.qr(torch.randn(m, n, dtype=F64, generator=torch.Generator().manual_seed(seed))).Q.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_square_input_keeps_full_rank(dtype, seed):
+    """⌈γn⌉ >= m gives no size reduction and a square S that may be singular (eye(8) with seed 0 got rank 7,
+    error 0.5): such A is its own sketch."""
+    for A in (torch.eye(8, dtype=dtype), orthonormal(100, 100, seed, dtype), orthonormal(110, 100, seed, dtype)):
+        for sketch in sorted(SKETCHES):
+            Q, R, piv = cqrrpt(A, sketch=sketch, generator=seed)
+            assert_factorization(A, Q, R, piv, rank=A.shape[1])
+
+
+def test_square_rank_deficient_gets_exact_rank():
+    A = with_cond(60, 50, 10.0, F64, rank=20, seed=18)
+    for pivoting in (True, False):
+        Q, R, piv = cqrrpt(A, generator=18, pivoting=pivoting)
+        assert_factorization(A, Q, R, piv, rank=20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pivoting", [True, False])
+def test_rank_lost_by_the_sketch_is_recovered(dtype, pivoting):
+    """CountSketch of a 200 x 100 orthonormal A with d = 125 rows has rank 99 (seed 0): the dropped column is
+    not represented by Q (error 0.52), so cqrrpt redoes the factorization on A itself."""
+    A = orthonormal(200, 100, 0, dtype)
+    Q, R, piv = cqrrpt(A, sketch="countsketch", generator=0, pivoting=pivoting)
+    assert_factorization(A, Q, R, piv, rank=100)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rank_tol": 2.0}, r"cqrrpt: rank_tol must lie in \(0, 1\), got 2.0"),
+    ({"rank_tol": 0.0}, r"rank_tol must lie in \(0, 1\), got 0.0"),
+    ({"rank_tol": float("nan")}, r"rank_tol must lie in \(0, 1\), got nan"),
+    ({"gamma": float("inf")}, "cqrrpt: gamma .* must be a finite number >= 1, got inf"),
+    ({"gamma": float("nan")}, "gamma .* got nan"),
+])
+def test_bad_parameters_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cqrrpt(torch.randn(200, 10, dtype=F64), **kwargs)
+
+
+def test_wide_input_error_gives_no_wrong_advice():
+    with pytest.raises(ValueError, match=r"cqrrpt: A must be tall .* got shape \(10, 20\)") as info:
+        cqrrpt(torch.randn(10, 20))
+    assert "A.mT" not in str(info.value)
