@@ -395,3 +395,66 @@ def test_multihead_attention_converts_to_performer():
     exact, _ = model[0](x, x, x, need_weights=False)
     assert out.shape == exact.shape and torch.isfinite(out).all()
     assert (out - exact).norm() < 0.5 * exact.norm()  # a Performer approximation of the same attention
+
+
+# ---- glob rules cover containers and activations; only an exact path or the rule's own kind is refused ------
+def _encoder(layers=2):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, layers)
+
+
+def test_glob_rule_with_an_op_skips_activations_and_containers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    report = panther_fx.convert(model, {"rule": [{"match": "**", "op": "linear", "rank": 4}]})
+    assert [type(m) for m in model] == [LowRankLinear, nn.ReLU, LowRankLinear]
+    assert [r.path for r in report] == ["0", "2"]
+
+
+def test_glob_attention_rule_converts_every_attention_of_an_encoder():
+    from panther_fx.nn import RandMultiheadAttention
+
+    model = _encoder()
+    report = panther_fx.convert(model, {"rule": [{"match": "**", "op": "attention", "features": 16}]})
+    assert all(type(layer.self_attn) is RandMultiheadAttention for layer in model.layers)
+    assert [r.path for r in report.rewritten] == ["layers.0.self_attn", "layers.1.self_attn"]
+
+
+def test_glob_rule_reports_out_proj_subclasses_and_tied_weights_dense():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.ModuleDict({"enc": _encoder(1), "scaled": Scaled(16, 16), "emb": nn.Embedding(40, 16),
+                           "head": nn.Linear(16, 40, bias=False)})
+    model["head"].weight = model["emb"].weight
+    report = panther_fx.convert(model, {"rule": [{"match": "**", "rank": 4}]})  # op-less: every Linear
+    rows = {r.path: r for r in report}
+    assert isinstance(model["enc"].layers[0].linear1, LowRankLinear)
+    assert rows["enc.layers.0.self_attn.out_proj"].status == "dense"
+    assert "out_proj" in rows["enc.layers.0.self_attn.out_proj"].reason
+    assert rows["scaled"].status == "dense" and "subclasses nn.Linear" in rows["scaled"].reason
+    assert rows["head"].status == "dense" and "shared with 'emb.weight'" in rows["head"].reason
+    # the same layers named by their exact path are refused
+    for path, why in [("enc.layers.0.self_attn.out_proj", "out_proj"), ("scaled", "Scaled"), ("head", "shared")]:
+        with pytest.raises(ConversionError, match=f"rule 1 \\(match = '{path}'.*{why}"):
+            panther_fx.convert(copy.deepcopy(model), {"rule": [{"match": path, "op": "linear", "rank": 4}]})
+
+
+def test_conv2d_subclass_is_reported_dense_or_refused():
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(8, 16, 3))
+    report = panther_fx.convert(model, {"rule": [{"match": "**", "op": "conv2d", "rank": 2}]})
+    assert type(model[0]) is Doubled and report[0].status == "dense" and "Doubled subclasses nn.Conv2d" in report[0].reason
+    with pytest.raises(ConversionError, match="rule 1 .* selects '0' \\(Doubled\\)"):
+        panther_fx.convert(model, {"rule": [{"match": "0", "op": "conv2d", "rank": 2}]})
+
+
+def test_exact_rule_naming_a_container_is_refused():
+    model = nn.Sequential(nn.Sequential(nn.Linear(32, 32)))
+    with pytest.raises(ConversionError, match=r"rule 1 \(match = '0'\) selects '0' \(Sequential\)"):
+        panther_fx.convert(model, {"rule": [{"match": "0", "rank": 4}]})

@@ -183,6 +183,40 @@ def test_tune_compresses_conv2d_layers_and_convert_reproduces_the_trial():
     assert all(type(m) in (nn.Conv2d, nn.Tanh, nn.Flatten, nn.Linear, nn.Sequential) for m in cnn.modules())
 
 
+class _Block(nn.Module):
+    def __init__(self, g: torch.Generator):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+        with torch.no_grad():  # low-rank-ish weights: rank 8 keeps most of them
+            for lin, decay in ((self.up, 0.4), (self.down, 0.3)):
+                lin.weight.copy_(_spectral(*lin.weight.shape, decay, g))
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def test_grouped_tuned_policy_converts():
+    """A group unit writes a glob rule (``*.**``, op linear) that also covers the blocks themselves and their
+    activations: convert applies it to the Linears and reproduces the trial's quality."""
+    _quiet()
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(_Block(g), _Block(g))
+    X = torch.randn(64, 32, generator=g)
+    with torch.no_grad():
+        ref = model(X)
+
+    def evaluate(m):
+        return 0.0 - ((m(X) - ref).norm() / ref.norm()).item()
+
+    result = tune(model, evaluate, example_inputs=None, min_quality=-0.3, n_trials=3,
+                  space={"*.**": {"choices": [4, 8, "dense"], "group": True}})
+    assert [r.match for r in result.policy.rules] == ["*.**"] and result.best.choices["*.**"] != "dense"
+    converted, report = panther_fx.convert(model, result.policy, inplace=False)
+    assert [r.path for r in report.rewritten] == ["0.up", "0.down", "1.up", "1.down"]
+    with torch.no_grad():
+        assert evaluate(converted) == pytest.approx(result.best.quality, abs=1e-6)
+
+
 # ---- search ----------------------------------------------------------------------------------------------
 def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
     _quiet()

@@ -66,6 +66,13 @@ def _named_by_rule(decision: Decision) -> bool:
     return decision.rule_index is not None and decision.method != "dense"
 
 
+def _names_exactly(ctx: ConvertContext, decision: Decision) -> bool:
+    """Whether the rule that decided ``decision`` spells out its layer's path. A glob (``**``, ``*.**``: what
+    the tuner writes for groups) only covers the layers it can; a layer it cannot factorize stays dense with a
+    reason. A rule that names the layer itself asks for something impossible, which is an error."""
+    return _named_by_rule(decision) and ctx.policy.rules[decision.rule_index - 1].match == decision.path
+
+
 def _tied_elsewhere(ctx: ConvertContext, module: nn.Module) -> list[str]:
     """Parameters of other modules that are ``module.weight``: converting it would untie them. (The same
     module reachable at two paths is not a tie: it is converted once and stays shared.)"""
@@ -87,7 +94,7 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     tied = _tied_elsewhere(ctx, module)
     if tied:
         why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
-        if _named_by_rule(decision):
+        if _names_exactly(ctx, decision):
             raise ctx.rule_error(decision, module, why)
         return Converted(None, decision, _dense_row(plan.report, why))
     bias = None if module.bias is None else module.bias.detach()
@@ -113,7 +120,7 @@ def convert_conv2d(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     tied = _tied_elsewhere(ctx, module)
     if tied:
         why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
-        if _named_by_rule(plan.decision):
+        if _names_exactly(ctx, plan.decision):
             raise ctx.rule_error(plan.decision, module, why)
         return Converted(None, plan.decision, _dense_row(plan.report, why))
     new = (SKConv2d if plan.decision.method == "sketch" else LowRankConv2d).from_factors(module, plan.factors)
@@ -146,10 +153,16 @@ def _dense_row(row: LayerReport, reason: str) -> LayerReport:
     return LayerReport(row.path, row.op, "dense", row.shape, "dense", reason=reason, params_before=n, params_after=n)
 
 
-def _refuse_linear(ctx: ConvertContext, path: str, module: nn.Module, why: str) -> Converted:
-    """Report a Linear that stays dense although the policy selects it; an error if a rule names it."""
-    plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
-    if _named_by_rule(plan.decision):
+def _plan(ctx: ConvertContext, path: str, module: nn.Module):
+    if isinstance(module, nn.Conv2d):
+        return plan_conv2d(path, module.weight, ctx.policy, ctx.cache, groups=module.groups)
+    return plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
+
+
+def _refuse_layer(ctx: ConvertContext, path: str, module: nn.Module, why: str) -> Converted:
+    """Report a Linear / Conv2d that stays dense although the policy selects it; an error if a rule names it."""
+    plan = _plan(ctx, path, module)
+    if _names_exactly(ctx, plan.decision):
         raise ctx.rule_error(plan.decision, module, why)
     if plan.factors is None:
         return Converted(None, plan.decision, plan.report)
@@ -158,14 +171,15 @@ def _refuse_linear(ctx: ConvertContext, path: str, module: nn.Module, why: str) 
 
 def refuse_mha_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
     """``nn.MultiheadAttention.out_proj``: MHA reads its weight directly, so it cannot be swapped alone."""
-    return _refuse_linear(ctx, path, module, "it is nn.MultiheadAttention's out_proj, whose weight MHA reads "
-                                             "directly (use op = 'attention')")
+    return _refuse_layer(ctx, path, module, "it is nn.MultiheadAttention's out_proj, whose weight MHA reads "
+                                            "directly (use op = 'attention')")
 
 
-def refuse_linear_subclass(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
-    """A subclass of nn.Linear without its own converter: its forward may compute something else."""
-    return _refuse_linear(ctx, path, module, f"{type(module).__name__} subclasses nn.Linear and may compute "
-                                             "something else in forward; register a converter in CONVERTERS")
+def refuse_layer_subclass(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
+    """A subclass of nn.Linear / nn.Conv2d without its own converter: its forward may compute something else."""
+    base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+    return _refuse_layer(ctx, path, module, f"{type(module).__name__} subclasses {base} and may compute "
+                                            "something else in forward; register a converter in CONVERTERS")
 
 
 CONVERTERS: dict[type[nn.Module], Converter] = {
@@ -177,18 +191,17 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
 """Exact module type -> converter. Subclasses are not converted implicitly: their ``forward`` may differ."""
 
 
-def _explicit_rule(policy: Policy, path: str):
-    """The first rule with an explicit ``op`` that selects ``path`` for a non-dense method, unless an earlier
-    op-less ``dense`` rule protects it. Such a module must be convertible or :func:`convert` refuses."""
+def _naming_rule(policy: Policy, path: str):
+    """The first rule that spells out ``path`` for a non-dense method, unless an earlier matching ``dense``
+    rule protects it. A module without a converter that a rule names this way is an error; one a glob merely
+    covers (a container, an activation, a user block) is walked into."""
     for rule in policy.rules:
         if not rule.matches(path):
             continue
-        method = rule.settings.get("method", policy.defaults.get("method"))
-        if rule.op is None:
-            if method == "dense":
-                return None
-            continue
-        return None if method == "dense" else rule
+        if rule.settings.get("method", policy.defaults.get("method")) == "dense":
+            return None
+        if rule.match == path:
+            return rule
     return None
 
 
@@ -198,6 +211,17 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
         for name, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((f"{path}.{name}" if path else name, id(module)))
     return owners
+
+
+def _refuse_if_named(ctx: ConvertContext, path: str, module: nn.Module) -> None:
+    rule = _naming_rule(ctx.policy, path)
+    if rule is not None:
+        supported = ", ".join(sorted(t.__name__ for t in CONVERTERS))
+        op = "" if rule.op is None else f", op = {rule.op!r}"
+        hint = f"; to cover the layers inside it, match '{path}.**'" if next(module.children(), None) else ""
+        raise ConversionError(f"{ctx.policy.source}: rule {rule.index} (match = {rule.match!r}{op}) selects "
+                              f"{path!r} ({type(module).__name__}), which convert cannot turn into a panther "
+                              f"module (it converts: {supported}){hint}")
 
 
 def _walk(ctx: ConvertContext, parent: nn.Module, prefix: str, done: dict[int, nn.Module | None],
@@ -211,16 +235,11 @@ def _walk(ctx: ConvertContext, parent: nn.Module, prefix: str, done: dict[int, n
                 setattr(parent, name, done[id(child)])
             continue
         converter = CONVERTERS.get(type(child))
-        if converter is None and isinstance(child, nn.Linear):
-            converter = refuse_linear_subclass
+        if converter is None and isinstance(child, (nn.Linear, nn.Conv2d)):
+            converter = refuse_layer_subclass
         result = converter(ctx, path, child) if converter is not None else Converted(None)
-        if converter is None and result.module is None:
-            rule = _explicit_rule(ctx.policy, path)
-            if rule is not None:
-                supported = ", ".join(sorted(t.__name__ for t in CONVERTERS))
-                raise ConversionError(f"{ctx.policy.source}: rule {rule.index} (match = {rule.match!r}, op = "
-                                      f"{rule.op!r}) selects {path!r} ({type(child).__name__}), which convert "
-                                      f"cannot turn into a panther module (it converts: {supported})")
+        if converter is None:
+            _refuse_if_named(ctx, path, child)
         done[id(child)] = result.module
         if result.decision is not None:
             decisions.append(result.decision)
