@@ -122,3 +122,44 @@ def test_exactly_repeated_column_is_rank_deficient(seed):
     A = torch.randn(20, 3, generator=g)[:, [0, 1, 1]]
     with pytest.raises(ValueError, match="rank deficient"):
         sketched_lstsq(A, torch.randn(20, generator=g))
+
+
+def orthonormal(m, n, seed):
+    return torch.linalg.qr(torch.randn(m, n, dtype=F64, generator=torch.Generator().manual_seed(seed))).Q
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_square_input_is_solved(seed):
+    """d = min(m, 4n) = m gives a square S that may be singular (eye(8) was refused as rank deficient for seeds
+    0 and 2): A is then its own sketch."""
+    g = torch.Generator().manual_seed(seed)
+    for A in (torch.eye(8, dtype=F64), orthonormal(100, 100, seed), orthonormal(120, 100, seed)):
+        b = torch.randn(A.shape[0], dtype=F64, generator=g)
+        best = residual(A, reference(A, b), b)  # 0 for square A: allow rounding
+        for sketch in sorted(SKETCHES):
+            x = sketched_lstsq(A, b, sketch=sketch, generator=seed)
+            assert residual(A, x, b) <= (1 + 1e-6) * best + 1e-12
+
+
+@pytest.mark.parametrize("method", ["precondition", "sketch"])
+def test_rank_lost_by_the_sketch_is_not_blamed_on_A(method):
+    """This CountSketch (d = 125) of a 200 x 100 orthonormal A has rank 99: A's own QR decides instead."""
+    A = orthonormal(200, 100, 0)
+    b = torch.randn(200, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x = sketched_lstsq(A, b, sketch="countsketch", sketch_size=125, generator=0, method=method)
+    assert residual(A, x, b) <= (1 + 1e-6) * residual(A, reference(A, b), b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_iter": 0}, "sketched_lstsq: max_iter must be an int >= 1, got 0"),
+    ({"max_iter": -1}, "max_iter must be an int >= 1, got -1"),
+    ({"max_iter": 2.5}, "max_iter must be an int >= 1, got 2.5"),
+    ({"max_iter": True}, "max_iter must be an int >= 1, got True"),
+    ({"tol": -1.0}, "sketched_lstsq: tol must be a finite number > 0, got -1.0"),
+    ({"tol": 0.0}, "tol must be a finite number > 0, got 0.0"),
+    ({"tol": float("nan")}, "tol must be a finite number > 0, got nan"),
+])
+def test_bad_parameters_named(kwargs, match):
+    A, b = problem(10.0, seed=8)
+    with pytest.raises(ValueError, match=match):
+        sketched_lstsq(A, b, **kwargs)

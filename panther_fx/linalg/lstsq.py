@@ -1,16 +1,19 @@
 """Sketched least squares for tall A (m, n): min_x ‖A x − b‖₂.
 
 ``method="precondition"`` (sketch-and-precondition, Blendenpik / LSRN style; Avron, Maymounkov, Toledo 2010):
-sketch S A (d = 4n rows by default), R from the QR of S A, so that A R⁻¹ is well conditioned whatever
+sketch S A (d = min(m, 4n) rows by default; d = m means no sketch, S = I), R from the QR of S A, so that A R⁻¹ is well conditioned whatever
 cond(A) is; start from the sketch-and-solve solution x₀ = R⁻¹ Q_skᵀ S b, then LSQR (Paige, Saunders 1982)
 on min_y ‖A R⁻¹ y − (b − A x₀)‖ and x = x₀ + R⁻¹ y. LSQR converges in O(log 1/tol) iterations because
 the preconditioned condition number is a small constant. Everything runs in float64 (an fp32 A is
-upcast once), so the residual matches ``torch.linalg.lstsq`` in float64.
+upcast once), so the residual matches ``torch.linalg.lstsq`` in float64 up to the rounding of x to the
+output dtype (float32 for float32 inputs).
 
 ``method="sketch"`` (sketch-and-solve): x₀ alone, cheap, with residual within a factor (1 + O(√(n/d))).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -23,7 +26,7 @@ __all__ = ["sketched_lstsq"]
 METHODS = ("precondition", "sketch")
 
 
-def _check(A: Tensor, b: Tensor, sketch: str, method: str) -> None:
+def _check(A: Tensor, b: Tensor, sketch: str, method: str, tol: float, max_iter: int) -> None:
     if not isinstance(A, Tensor) or A.dim() != 2:
         raise ValueError(f"sketched_lstsq: A must be a 2-D tensor, got shape {tuple(getattr(A, 'shape', ()))}")
     m, n = A.shape
@@ -41,6 +44,10 @@ def _check(A: Tensor, b: Tensor, sketch: str, method: str) -> None:
         raise ValueError(f"sketched_lstsq: unknown sketch {sketch!r}; expected one of {sorted(SKETCHES)}")
     if method not in METHODS:
         raise ValueError(f"sketched_lstsq: unknown method {method!r}; expected one of {METHODS}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"sketched_lstsq: max_iter must be an int >= 1, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"sketched_lstsq: tol must be a finite number > 0, got {tol!r}")
 
 
 @torch.no_grad()
@@ -49,31 +56,47 @@ def sketched_lstsq(A: Tensor, b: Tensor, *, sketch: str = "sparse_sign", method:
                    tol: float = 1e-10, max_iter: int = 200) -> Tensor:
     """Least-squares solution x (n,) or (n, k) of A (m, n) x ≈ b (m,) or (m, k); A must have full column rank.
 
-    ``sketch_size`` d defaults to min(m, 4n). ``tol`` drives LSQR's stopping tests on the preconditioned
-    Ā = A R⁻¹, for every column of b: ‖Āᵀ r‖ <= tol ‖Ā‖ ‖r‖, or ‖r‖ <= tol ‖b − A x₀‖ (consistent systems);
-    about 20 iterations at the default, whatever cond(A). ``max_iter`` bounds the iterations.
-    The result has b's dtype promoted with A's. ``generator``: a ``torch.Generator`` (used on its own
-    device) or a seed for a new generator on A's device.
+    ``sketch_size`` d defaults to min(m, 4n); at d = m a sketch saves nothing (and a square S may be singular),
+    so A is its own sketch: R from A's QR and x₀ already solves the problem. ``tol`` (> 0) drives LSQR's
+    stopping tests on the preconditioned Ā = A R⁻¹, for every column of b: ‖Āᵀ r‖ <= tol ‖Ā‖ ‖r‖, or
+    ‖r‖ <= tol ‖b − A x₀‖ (consistent systems); about 20 iterations at the default, whatever cond(A).
+    ``max_iter`` (>= 1) bounds the iterations. The result has b's dtype promoted with A's. ``generator``: a
+    ``torch.Generator`` (used on its own device) or a seed for a new generator on A's device.
+
+    A sketch's R that looks rank deficient may be the sketch's fault, not A's: A's own QR then decides, and
+    only a rank-deficient A is refused.
     """
-    _check(A, b, sketch, method)
+    _check(A, b, sketch, method, tol, max_iter)
     m, n = A.shape
     d = sketch_size if sketch_size is not None else min(m, 4 * n)
     if not n <= d <= m:
         raise ValueError(f"sketched_lstsq: sketch_size must lie in [n, m] = [{n}, {m}], got {d}")
     out_dtype = torch.promote_types(A.dtype, b.dtype)
     A64, B = A.double(), (b.double()[:, None] if b.dim() == 1 else b.double())
-    S = make_sketch(sketch, d, m, generator=as_generator(generator, A.device), dtype=torch.float64, device=A.device)
-    Q_sk, R = torch.linalg.qr(S.apply(A64, dim=0))
-    diag = R.diagonal().abs()
-    if bool(diag.min() <= d * torch.finfo(torch.float64).eps * diag.max()):  # QR rounding grows with d
-        raise ValueError(f"sketched_lstsq: A {(m, n)} is numerically rank deficient (sketch R diagonal ratio "
-                         f"{(diag.min() / diag.max()).item():.1e}); use cqrrpt or torch.linalg.lstsq")
-    X = torch.linalg.solve_triangular(R, Q_sk.mT @ S.apply(B, dim=0), upper=True)
+    S = None
+    if d < m:
+        S = make_sketch(sketch, d, m, generator=as_generator(generator, A.device), dtype=torch.float64,
+                        device=A.device)
+    Q_sk, R = torch.linalg.qr(A64 if S is None else S.apply(A64, dim=0))
+    if S is not None and _rank_deficient(R, d):  # the sketch may have lost rank: decide on A itself
+        S = None
+        Q_sk, R = torch.linalg.qr(A64)
+    if _rank_deficient(R, m):
+        diag = R.diagonal().abs()
+        raise ValueError(f"sketched_lstsq: A {(m, n)} is numerically rank deficient (R diagonal ratio "
+                         f"{(diag.min() / diag.max()).item():.1e} in A's own QR); use cqrrpt or torch.linalg.lstsq")
+    X = torch.linalg.solve_triangular(R, Q_sk.mT @ (B if S is None else S.apply(B, dim=0)), upper=True)
     if method == "precondition":
         Y = _lsqr(A64, R, B - A64 @ X, tol, max_iter)
         X = X + torch.linalg.solve_triangular(R, Y, upper=True)
     X = X.to(out_dtype)
     return X[:, 0] if b.dim() == 1 else X
+
+
+def _rank_deficient(R: Tensor, rows: int) -> bool:
+    """Whether the QR's R of a (rows, n) matrix is numerically singular: Householder rounding grows with rows."""
+    diag = R.diagonal().abs()
+    return bool(diag.min() <= rows * torch.finfo(torch.float64).eps * diag.max())
 
 
 def _lsqr(A: Tensor, R: Tensor, B: Tensor, tol: float, max_iter: int) -> Tensor:
