@@ -458,3 +458,24 @@ def test_exact_rule_naming_a_container_is_refused():
     model = nn.Sequential(nn.Sequential(nn.Linear(32, 32)))
     with pytest.raises(ConversionError, match=r"rule 1 \(match = '0'\) selects '0' \(Sequential\)"):
         panther_fx.convert(model, {"rule": [{"match": "0", "rank": 4}]})
+
+
+@pytest.mark.parametrize("rule", [{"match": "layers.*.self_attn", "op": "attention", "features": 16},
+                                  {"match": "layers.*.linear1", "rank": 4}], ids=["performer", "svd"])
+def test_converted_encoder_runs_the_inference_fast_path_case(rule):
+    """eval + no_grad + a padding mask is where nn.TransformerEncoder packs a nested tensor and its layers call
+    a fused kernel on the dense weights: converted layers must take the ordinary path, with the same result."""
+    model = _encoder()
+    converted, _ = panther_fx.convert(model, {"rule": [rule]}, inplace=False)
+    converted.eval()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 3:] = True
+    expected = converted(x, src_key_padding_mask=pad)  # grad enabled: never the fast path
+    with torch.no_grad():
+        out = converted(x, src_key_padding_mask=pad)
+        unmasked = converted(x)
+    # dense nn.MultiheadAttention takes its own fused kernel under no_grad: equal up to rounding
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unmasked, converted(x), rtol=1e-5, atol=1e-6)
+    assert model.use_nested_tensor and model.layers[0].activation_relu_or_gelu  # the dense original keeps them

@@ -24,7 +24,7 @@ from ..passes import FactorCache, plan_conv2d, plan_linear
 from ..policy import Decision, Policy, PolicyError, load_policy
 from ..report import LayerReport, Report
 
-__all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "convert"]
+__all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "convert", "convertible_layers"]
 
 POLICY_ATTR = "panther_policy"
 """Attribute of the root module where :func:`convert` leaves the policy it applied (read by ``save``)."""
@@ -76,7 +76,24 @@ def _names_exactly(ctx: ConvertContext, decision: Decision) -> bool:
 def _tied_elsewhere(ctx: ConvertContext, module: nn.Module) -> list[str]:
     """Parameters of other modules that are ``module.weight``: converting it would untie them. (The same
     module reachable at two paths is not a tie: it is converted once and stays shared.)"""
-    return [p for p, owner in ctx.owners.get(id(module.weight), []) if owner != id(module)]
+    return _tied(ctx.owners, module)
+
+
+def _tied(owners: dict[int, list[tuple[str, int]]], module: nn.Module) -> list[str]:
+    return [p for p, owner in owners.get(id(module.weight), []) if owner != id(module)]
+
+
+def _tied_why(tied: list[str]) -> str:
+    return f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
+
+
+OUT_PROJ_WHY = "it is nn.MultiheadAttention's out_proj, whose weight MHA reads directly (use op = 'attention')"
+
+
+def _subclass_why(module: nn.Module) -> str:
+    base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+    return (f"{type(module).__name__} subclasses {base} and may compute something else in forward; register a "
+            "converter in CONVERTERS")
 
 
 def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
@@ -93,7 +110,7 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
         return Converted(None, decision, plan.report)
     tied = _tied_elsewhere(ctx, module)
     if tied:
-        why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
+        why = _tied_why(tied)
         if _names_exactly(ctx, decision):
             raise ctx.rule_error(decision, module, why)
         return Converted(None, decision, _dense_row(plan.report, why))
@@ -119,7 +136,7 @@ def convert_conv2d(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
         return Converted(None, plan.decision, plan.report)
     tied = _tied_elsewhere(ctx, module)
     if tied:
-        why = f"its weight is shared with {', '.join(map(repr, tied))}; converting it would untie them"
+        why = _tied_why(tied)
         if _names_exactly(ctx, plan.decision):
             raise ctx.rule_error(plan.decision, module, why)
         return Converted(None, plan.decision, _dense_row(plan.report, why))
@@ -171,15 +188,12 @@ def _refuse_layer(ctx: ConvertContext, path: str, module: nn.Module, why: str) -
 
 def refuse_mha_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
     """``nn.MultiheadAttention.out_proj``: MHA reads its weight directly, so it cannot be swapped alone."""
-    return _refuse_layer(ctx, path, module, "it is nn.MultiheadAttention's out_proj, whose weight MHA reads "
-                                            "directly (use op = 'attention')")
+    return _refuse_layer(ctx, path, module, OUT_PROJ_WHY)
 
 
 def refuse_layer_subclass(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
     """A subclass of nn.Linear / nn.Conv2d without its own converter: its forward may compute something else."""
-    base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
-    return _refuse_layer(ctx, path, module, f"{type(module).__name__} subclasses {base} and may compute "
-                                            "something else in forward; register a converter in CONVERTERS")
+    return _refuse_layer(ctx, path, module, _subclass_why(module))
 
 
 CONVERTERS: dict[type[nn.Module], Converter] = {
@@ -211,6 +225,56 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
         for name, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((f"{path}.{name}" if path else name, id(module)))
     return owners
+
+
+def convertible_layers(model: nn.Module) -> list[tuple[str, nn.Module, str, str | None]]:
+    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (subclasses included) as ``(path, module, op, why)``:
+    ``why`` is None for a layer that :func:`convert` factorizes when a policy selects it, else the reason it
+    stays dense (MHA's out_proj, a subclass, a weight tied to another module). :func:`panther_fx.tune`
+    searches exactly the layers without a ``why``, so every policy it writes converts."""
+    owners = _parameter_owners(model)
+    layers = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        converter = CONVERTERS.get(type(module))
+        if converter is refuse_mha_linear:
+            why = OUT_PROJ_WHY
+        elif converter not in (convert_linear, convert_conv2d):
+            why = _subclass_why(module)
+        else:
+            tied = _tied(owners, module)
+            why = _tied_why(tied) if tied else None
+        layers.append((path, module, "conv2d" if isinstance(module, nn.Conv2d) else "linear", why))
+    return layers
+
+
+def _fused_path_intact(layer: nn.TransformerEncoderLayer) -> bool:
+    attn = layer.self_attn
+    return (type(attn) is nn.MultiheadAttention and type(attn.out_proj) is NonDynamicallyQuantizableLinear
+            and type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear)
+
+
+def disable_fused_paths(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """Turn off PyTorch's fused inference paths where a panther module replaced a layer they read.
+
+    In eval mode without grad, ``nn.TransformerEncoderLayer`` calls one fused kernel with ``linear1.weight``,
+    ``self_attn.in_proj_weight``, ... read directly (an AttributeError once those are factored), and
+    ``nn.TransformerEncoder`` packs padded input into a nested tensor, which the Performer cannot take.
+    ``activation_relu_or_gelu = 0`` is the per-layer switch (it only picks the fused kernel's activation) and
+    ``use_nested_tensor = False`` the encoder's. Returns ``(module, attribute, old value)`` for each change."""
+    changed = []
+    altered = {id(m) for m in model.modules()
+               if isinstance(m, nn.TransformerEncoderLayer) and not _fused_path_intact(m)}
+    for module in model.modules():
+        if id(module) in altered and module.activation_relu_or_gelu:
+            changed.append((module, "activation_relu_or_gelu", module.activation_relu_or_gelu))
+        elif (isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)
+              and any(id(layer) in altered for layer in module.layers)):
+            changed.append((module, "use_nested_tensor", True))
+    for module, attr, _ in changed:
+        setattr(module, attr, 0 if attr == "activation_relu_or_gelu" else False)
+    return changed
 
 
 def _refuse_if_named(ctx: ConvertContext, path: str, module: nn.Module) -> None:
@@ -280,6 +344,7 @@ def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
     report, decisions = Report(), []
     with torch.no_grad():
         _walk(ctx, target, "", {}, report, decisions)
+    disable_fused_paths(target)
     if policy.rules:
         policy.warn_unused(decisions)
     setattr(target, POLICY_ATTR, policy)
