@@ -217,6 +217,62 @@ def test_grouped_tuned_policy_converts():
         assert evaluate(converted) == pytest.approx(result.best.quality, abs=1e-6)
 
 
+class _TiedLM(nn.Module):
+    """An embedding, a Linear subclass, an encoder layer (MHA with its out_proj) and a head tied to the embedding."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(64, 32)
+        self.scaled = self.Scaled(32, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.layer(self.scaled(self.emb(ids))))
+
+
+def test_space_leaves_out_layers_convert_cannot_factorize():
+    model = _TiedLM()
+    space = SearchSpace.build(model)
+    assert [u.name for u in space.units] == ["layer.linear1", "layer.linear2"]
+    with pytest.raises(SpaceError, match=r"'head' matches no .*head: its weight is shared with 'emb.weight'"):
+        SearchSpace.build(model, {"head": [8]})
+    # a group rule covers the left-out layers too: the trial leaves them dense, as convert does
+    group = SearchSpace.build(model, {"**": {"choices": [8, "dense"], "group": True}})
+    policy = group.policy({"**": "svd:8"})
+    with applied(model, policy, FactorCache()) as report:
+        assert [type(m) for m in (model.scaled, model.layer.self_attn.out_proj, model.head)] == [
+            _TiedLM.Scaled, nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Linear]
+        rows = {r.path: r for r in report}
+    assert {p for p, r in rows.items() if r.status == "rewritten"} == {"layer.linear1", "layer.linear2"}
+    assert "shared with 'emb.weight'" in rows["head"].reason and "out_proj" in rows["layer.self_attn.out_proj"].reason
+    _, convert_report = panther_fx.convert(model, policy, inplace=False)
+    assert convert_report.params() == report.params()
+
+
+def test_tune_a_transformer_layer_and_convert_its_policy():
+    _quiet()
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids)
+
+    def evaluate(m):
+        return 0.0 - ((m(ids) - ref).norm() / ref.norm()).item()
+
+    result = tune(model, evaluate, example_inputs=None, min_quality=-1.0, n_trials=3)
+    assert [r.source for r in result.rows] == ["dense", "guided", "guided"]
+    converted, _ = panther_fx.convert(model, result.policy, inplace=False)
+    with torch.no_grad():
+        assert evaluate(converted.eval()) == pytest.approx(result.best.quality, abs=1e-6)
+
+
 # ---- search ----------------------------------------------------------------------------------------------
 def test_tune_respects_min_quality_and_beats_the_best_uniform_rank(mlp):
     _quiet()

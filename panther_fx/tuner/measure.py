@@ -20,11 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.panther.*)
 from ..batches import call_model
+from ..convert import convertible_layers
+from ..convert.convert import disable_fused_paths
 from ..nn.conv import LowRankConv2d, SKConv2d
 from ..passes import ConvPlan, FactorCache, LinearPlan, plan_conv2d, plan_linear
 from ..policy import Policy
-from ..report import Report
-from .space import layer_op
+from ..report import LayerReport, Report
 
 __all__ = ["FactoredLinear", "applied", "Costs", "measure_costs", "latency_ms", "peak_memory_bytes", "plan_layer"]
 
@@ -54,7 +55,7 @@ _FACTORED = (FactoredLinear, LowRankConv2d, SKConv2d)
 
 def plan_layer(path: str, module: nn.Module, policy: Policy, cache: FactorCache) -> LinearPlan | ConvPlan:
     """The backend's plan for a Linear or Conv2d layer under ``policy`` (decision, factors, report row)."""
-    if layer_op(module) == "conv2d":
+    if isinstance(module, nn.Conv2d):
         return plan_conv2d(path, module.weight, policy, cache, groups=module.groups)
     return plan_linear(path, module.weight, policy, cache)
 
@@ -74,12 +75,19 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Report]:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` the policy rewrites for a :class:`FactoredLinear` /
     :class:`~panther_fx.nn.LowRankConv2d` / :class:`~panther_fx.nn.SKConv2d`; yield the per-layer report (all
-    Linear and Conv2d layers); restore the original modules on exit, also on Ctrl-C."""
+    Linear and Conv2d layers); restore the original modules on exit, also on Ctrl-C.
+
+    Layers :func:`panther_fx.convert` would leave dense (MHA's out_proj, subclasses, tied weights) stay dense
+    here too, with its reason, so a trial measures the model that converting its policy gives."""
     report = Report()
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    fused: list[tuple[nn.Module, str, object]] = []
     try:
-        for path, module in list(model.named_modules()):
-            if layer_op(module) is None:
+        for path, module, op, why in convertible_layers(model):
+            if why is not None:
+                n = module.weight.numel()
+                report.append(LayerReport(path, op, "dense", tuple(module.weight.shape), "dense", reason=why,
+                                          params_before=n, params_after=n))
                 continue
             plan = plan_layer(path, module, policy, cache)
             report.append(plan.report)
@@ -90,8 +98,11 @@ def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Re
             parent, name = _parent(model, path)
             parent._modules[name] = _factored(module, plan)
             swapped.append((parent, name, module))
+        fused = disable_fused_paths(model)
         yield report
     finally:
+        for module, attr, value in reversed(fused):
+            setattr(module, attr, value)
         for parent, name, module in reversed(swapped):
             parent._modules[name] = module
 

@@ -1,5 +1,9 @@
 """Search spaces of the tuner: which Linear and Conv2d layers are searched and the choices each one has.
 
+The layers searched are those :func:`panther_fx.convert` factorizes (:func:`panther_fx.convert.convertible_layers`):
+exact ``nn.Linear`` / ``nn.Conv2d``, not ``nn.MultiheadAttention.out_proj``, not subclasses, not a weight tied to
+another module, so every policy the tuner writes converts.
+
 A space maps policy patterns (the ``match`` syntax of policy files) to choices; the first pattern that
 matches a layer decides it, and layers no pattern matches stay dense and are not searched::
 
@@ -28,18 +32,11 @@ from typing import Any
 
 from torch import nn
 
+from ..convert import convertible_layers
 from ..policy import Policy, PolicyError, compile_pattern
 from ..policy.pattern import PatternError
 
-__all__ = ["Choice", "LAYER_OPS", "SearchSpace", "SpaceError", "Unit", "auto_ranks", "layer_op"]
-
-LAYER_OPS = ((nn.Linear, "linear"), (nn.Conv2d, "conv2d"))
-"""The module kinds the tuner searches and the policy ``op`` of each."""
-
-
-def layer_op(module: nn.Module) -> str | None:
-    """The policy ``op`` of a searchable layer ("linear", "conv2d"), None for other modules."""
-    return next((op for kind, op in LAYER_OPS if isinstance(module, kind)), None)
+__all__ = ["Choice", "SearchSpace", "SpaceError", "Unit", "auto_ranks"]
 
 
 class SpaceError(ValueError):
@@ -134,6 +131,12 @@ def _layer_choice_ok(choice: Choice, path: str, shape: tuple[int, int], op: str)
     return decision.rewrites
 
 
+def _left_out(candidates, matches) -> str:
+    """Why the layers ``matches`` selects among those convert cannot factorize are not searched."""
+    skipped = [f"{path}: {why}" for path, _, _, why in candidates if why is not None and matches(path)]
+    return f"; left out: {'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''}" if skipped else ""
+
+
 class SearchSpace:
     """The units (search dimensions) of a model under a space spec; builds policies from assignments."""
 
@@ -147,10 +150,12 @@ class SearchSpace:
         spec = {"**": "auto"} if spec is None else spec
         if not isinstance(spec, Mapping) or not spec:
             raise SpaceError("space must be a non-empty dict {pattern: choices}")
-        layers = [(path, (m.weight.shape[0], m.weight[0].numel()), layer_op(m)) for path, m in model.named_modules()
-                  if layer_op(m) is not None]
+        candidates = convertible_layers(model)
+        layers = [(path, (m.weight.shape[0], m.weight[0].numel()), op) for path, m, op, why in candidates
+                  if why is None]
         if not layers:
-            raise SpaceError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to tune")
+            raise SpaceError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer that convert can factorize"
+                             f"{_left_out(candidates, lambda p: True)}")
         entries = []
         for pattern, value in spec.items():
             if not isinstance(pattern, str):
@@ -169,7 +174,8 @@ class SearchSpace:
         for pattern, _, value, matched in entries:
             if not matched:
                 raise SpaceError(f"space pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer (layers: "
-                                 f"{', '.join(p for p, _, _ in layers[:6])}{', ...' if len(layers) > 6 else ''})")
+                                 f"{', '.join(p for p, _, _ in layers[:6])}{', ...' if len(layers) > 6 else ''})"
+                                 f"{_left_out(candidates, compile_pattern(pattern))}")
             units += cls._units(pattern, value, matched)
         if not units:
             raise SpaceError("no layer of the space has a choice other than 'dense' (all below break-even)")
@@ -235,6 +241,3 @@ class SearchSpace:
         data = [(u.name, u.layers, [c.label for c in u.choices]) + ((u.op,) if u.op != "linear" else ())
                 for u in self.units]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return len(self.units)
