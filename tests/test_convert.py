@@ -479,3 +479,23 @@ def test_converted_encoder_runs_the_inference_fast_path_case(rule):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(unmasked, converted(x), rtol=1e-5, atol=1e-6)
     assert model.use_nested_tensor and model.layers[0].activation_relu_or_gelu  # the dense original keeps them
+
+
+def test_frozen_multihead_attention_stays_frozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.MultiheadAttention(16, 2))
+    model[0].requires_grad_(False)
+    model[1].out_proj.requires_grad_(False)  # partly frozen: each parameter keeps its own flag
+    panther_fx.convert(model, {"rule": [{"match": "*", "op": "attention", "features": 16}]})
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert [n for n, p in model[1].named_parameters() if p.requires_grad] == ["in_proj_weight", "in_proj_bias"]
+
+
+def test_asvd_defaults_without_calibration_warn_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with pytest.warns(UserWarning) as caught:
+        report = panther_fx.convert(model, {"defaults": {"method": "asvd", "rank": 8}})
+    messages = [str(w.message) for w in caught if "asvd" in str(w.message)]
+    assert len(messages) == 1 and "left 2 layers dense ('0', '1')" in messages[0] and "calibration=" in messages[0]
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear] and not report.rewritten

@@ -9,6 +9,7 @@ exact module type to a converter function, so other layer kinds are added with o
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, overload
 
@@ -51,6 +52,7 @@ class ConvertContext:
     calibration: Any = None
     cache: FactorCache = field(default_factory=FactorCache)
     owners: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # id(param) -> [(path, id(module))]
+    uncalibrated: list[str] = field(default_factory=list)  # asvd layers of [defaults] left dense: no Gram matrix
 
     def rule_error(self, decision: Decision, module: nn.Module, why: str) -> ConversionError:
         rule = self.policy.rules[decision.rule_index - 1]
@@ -60,6 +62,19 @@ class ConvertContext:
 
 
 Converter = Callable[[ConvertContext, str, nn.Module], Converted]
+
+_CALIBRATE = "convert(..., calibration=panther_fx.calibration.calibrate(model, batches))"
+
+
+def _warn_uncalibrated(ctx: ConvertContext) -> None:
+    """One warning for all [defaults] asvd layers left dense (a rule naming asvd raises instead): without it
+    a policy whose only method is asvd converts nothing, silently."""
+    paths = ctx.uncalibrated
+    if paths:
+        shown = ", ".join(map(repr, paths[:4])) + (", ..." if len(paths) > 4 else "")
+        warnings.warn(f"{ctx.policy.source}: [defaults] method = 'asvd' left {len(paths)} "
+                      f"layer{'s' if len(paths) > 1 else ''} dense ({shown}): no calibration Gram matrix; pass "
+                      f"{_CALIBRATE}", UserWarning, stacklevel=3)
 
 
 def _named_by_rule(decision: Decision) -> bool:
@@ -100,12 +115,13 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     """nn.Linear -> :class:`LowRankLinear` (svd, asvd) or :class:`SKLinear` (sketch) per the policy."""
     plan = plan_linear(path, module.weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
     decision = plan.decision
-    if decision.rule_index is not None and not decision.rewrites:
+    if not decision.rewrites:
         O, I = module.weight.shape
         wanted = ctx.policy.decide(path, "linear", in_features=I, out_features=O)
         if wanted.method == "asvd":  # plan_linear turned it dense: no calibration Gram matrix for this layer
-            raise ctx.rule_error(wanted, module, f"{decision.reason} (convert(..., calibration="
-                                                 "panther_fx.calibration.calibrate(model, batches)))")
+            if decision.rule_index is not None:
+                raise ctx.rule_error(wanted, module, f"{decision.reason} ({_CALIBRATE})")
+            ctx.uncalibrated.append(path)  # [defaults]: warned once for all such layers after the walk
     if plan.factors is None:
         return Converted(None, decision, plan.report)
     tied = _tied_elsewhere(ctx, module)
@@ -160,6 +176,10 @@ def convert_mha(ctx: ConvertContext, path: str, module: nn.Module) -> Converted:
         if _named_by_rule(decision):
             raise ctx.rule_error(decision, module, str(e)) from None
         return Converted(None, decision, LayerReport(path, "attention", "dense", shape, "dense", reason=str(e)))
+    dense_params = dict(module.named_parameters())
+    for name, p in new.named_parameters():  # frozen layers stay frozen, parameter by parameter
+        if name in dense_params:
+            p.requires_grad_(dense_params[name].requires_grad)
     row = LayerReport(path, "attention", "performer", shape, "rewritten", reason=f"kernel={decision.kernel}",
                       rank=decision.features)
     return Converted(new, decision, row)
@@ -345,6 +365,7 @@ def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
     with torch.no_grad():
         _walk(ctx, target, "", {}, report, decisions)
     disable_fused_paths(target)
+    _warn_uncalibrated(ctx)
     if policy.rules:
         policy.warn_unused(decisions)
     setattr(target, POLICY_ATTR, policy)
