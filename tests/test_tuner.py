@@ -159,11 +159,25 @@ def test_space_covers_conv2d_layers_and_splits_mixed_groups():
                                                                 ("** [linear]", "linear", ("5",))]
     policy = mixed.policy({"** [conv2d]": "svd:16", "** [linear]": "svd:8"})
     assert [(r.op, r.settings["rank"]) for r in policy.rules] == [("conv2d", 16), ("linear", 8)]
-    # a choice the conv op has no factorization for (asvd) is dropped from conv units only; rank 16 exceeds
-    # the head's min(I, O) = 10
-    asvd = SearchSpace.build(cnn, {"**": [{"method": "asvd", "rank": 8}, 16]})
-    assert [[c.label for c in u.choices] for u in asvd.units] == [
-        ["svd:16", "dense"], ["svd:16", "dense"], ["asvd:rank=8", "dense"]]
+    # rank 16 exceeds the head's min(I, O) = 10: dropped from that unit only
+    ranks = SearchSpace.build(cnn, {"**": [8, 16]})
+    assert [[c.label for c in u.choices] for u in ranks.units] == [
+        ["svd:8", "svd:16", "dense"], ["svd:8", "svd:16", "dense"], ["svd:8", "dense"]]
+
+
+def test_choice_table_errors_name_the_choice_not_a_rule(mlp):
+    with pytest.raises(SpaceError) as e:
+        SearchSpace.build(mlp, {"**": [{"method": "svd", "rnak": 4}]})
+    assert str(e.value).startswith("space['**']: choice {'method': 'svd', 'rnak': 4}: unknown key 'rnak'")
+    assert "rule" not in str(e.value)
+
+
+def test_asvd_choice_is_refused_because_tune_does_not_calibrate(mlp):
+    with pytest.raises(SpaceError, match=r"space\['\*\*'\]: choice .*asvd.* needs calibration"):
+        SearchSpace.build(mlp, {"**": [{"method": "asvd", "rank": 8}, "dense"]})
+    with pytest.raises(TuneError, match="asvd"):
+        tune(mlp, lambda m: 0.0, example_inputs=None, min_quality=-1.0, n_trials=1,
+             space={"**": [{"method": "asvd", "rank": 8}, 16]})
 
 
 def test_tune_compresses_conv2d_layers_and_convert_reproduces_the_trial():

@@ -14,7 +14,8 @@ matches a layer decides it, and layers no pattern matches stay dense and are not
     }
 
 A choice is ``"dense"``, an int (svd rank), a float in (0, 1) (svd rank as a fraction of min(I, O)), or a
-table of policy settings such as ``{"method": "sketch", "num_terms": 1, "low_rank": 32}``. ``"auto"`` (and
+table of policy settings such as ``{"method": "sketch", "num_terms": 1, "low_rank": 32}`` (not ``asvd``: it
+needs calibration, which the tuner does not run). ``"auto"`` (and
 the default space, ``{"**": "auto"}``) gives every layer the svd ranks that are powers of two between
 min(I, O)/16 and break-even (r(I + O) < I·O), plus ``"dense"``. With ``group = True`` all matched layers
 of one kind share one choice (one search dimension; a pattern that matches Linear and Conv2d layers makes one
@@ -107,10 +108,15 @@ def _parse_choice(where: str, value: Any) -> Choice:
         if "match" in settings or "op" in settings:
             raise SpaceError(f"{where}: a choice table holds policy settings, not 'match' or 'op'")
         settings.setdefault("method", "svd")
+        where = f"{where}: choice {dict(value)!r}"
         try:  # validate through the policy loader so the messages match policy files
             Policy.from_dict({"rule": [{"match": "x", "op": "linear", **settings}]}, source=where)
-        except PolicyError as e:
-            raise SpaceError(str(e)) from None
+        except PolicyError as e:  # the one-rule policy is ours: its "rule 1" means nothing to the caller
+            raise SpaceError(str(e).replace(f"{where}: rule 1: ", f"{where}: ", 1)) from None
+        if settings["method"] == "asvd":  # trials would run the dense layer: asvd without Gram matrices is dense
+            raise SpaceError(f"{where}: method 'asvd' needs calibration (per-layer input Gram matrices), which "
+                             "tune does not compute; tune 'svd' ranks, then convert with method = 'asvd' and "
+                             "calibration=")
         if settings["method"] == "dense":
             return DENSE
         label = settings["method"] + ":" + ",".join(f"{k}={settings[k]}" for k in sorted(settings) if k != "method")
