@@ -196,6 +196,15 @@ def test_save_and_load_with_the_stored_policy(tmp_path):
         panther_fx.save(make_net(), tmp_path / "plain.safetensors")
 
 
+def test_load_of_a_file_that_is_not_safetensors_names_it(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('[defaults]\nmethod = "svd"\n')
+    with pytest.raises(panther_fx.PolicyError, match=f"{path}: not a safetensors file"):
+        panther_fx.load(path, make_net)
+    with pytest.raises(panther_fx.PolicyError, match=f"{path}: not a safetensors file"):
+        read_policy(path)
+
+
 def test_load_refuses_a_file_without_a_policy(tmp_path):
     from safetensors.torch import save_file
 

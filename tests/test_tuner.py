@@ -399,6 +399,20 @@ def test_nan_quality_is_a_failed_infeasible_trial(mlp):
     assert result.best.choices["6"] == "dense" and result.best.layer_params < result.dense.layer_params
 
 
+@pytest.mark.parametrize("seed", ["abc", 1.5, True])
+def test_seed_must_be_an_integer(mlp, seed):
+    with pytest.raises(TuneError, match=f"seed = {seed!r} must be an integer"):
+        tune(mlp, lambda m: 0.0, example_inputs=None, min_quality=-1.0, n_trials=1, seed=seed)
+
+
+def test_a_bare_layer_is_refused_before_any_trial():
+    calls = []
+    for layer in (nn.Linear(64, 64), nn.Conv2d(8, 8, 3)):
+        with pytest.raises(TuneError, match=f"the model itself is an {type(layer).__name__}: wrap it"):
+            tune(layer, lambda m: calls.append(m) or 0.0, example_inputs=None, min_quality=-1.0, n_trials=2)
+    assert not calls
+
+
 def test_latency_and_memory_objectives_measure_the_candidate(mlp):
     _quiet()
     x = torch.randn(32, DIMS[0])

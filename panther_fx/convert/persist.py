@@ -38,10 +38,14 @@ def save(model: nn.Module, path: str | os.PathLike, *, policy: Any = None) -> No
 
 def read_policy(path: str | os.PathLike) -> Policy:
     """The policy stored in a file written by :func:`save`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as e:  # its message ("header too large") names no file
+        raise PolicyError(f"{path}: not a safetensors file ({e}); load reads files written by panther_fx.save") \
+            from None
     if metadata.get(_FORMAT_KEY) != FORMAT or _POLICY_KEY not in metadata:
         raise PolicyError(f"{path}: not a panther_fx checkpoint (no {_POLICY_KEY!r} in its safetensors metadata); "
                           "write it with panther_fx.save")

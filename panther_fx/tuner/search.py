@@ -12,7 +12,9 @@ Trials run in this order:
    policy for an error budget τ gives each unit its cheapest choice with error <= τ. Sorting the budgets
    gives a path from mild to aggressive policies; a few points spread along it are tried, then the
    boundary between feasible and infeasible is bisected along the path;
-3. the rest come from Optuna's multi-objective TPE sampler with the constraint.
+3. refine: greedy descent from the best feasible trial, one unit moved to its next cheaper choice at a time,
+   the move adding the least factorization error per parameter saved first;
+4. the rest come from Optuna's multi-objective TPE sampler with the constraint.
 
 Every step is derived from the trials already in the study, so a study resumed from ``storage`` continues
 where it stopped.
@@ -216,9 +218,14 @@ def _next_refine(space: SearchSpace, errors: Mapping[str, Mapping[str, float]],
 
 
 # ---- the search ----------------------------------------------------------------------------------------
-def _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs) -> float:
+def _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs, seed) -> float:
     if not isinstance(model, nn.Module):
         raise TuneError(f"model must be an nn.Module, not {type(model).__name__}")
+    if isinstance(model, (nn.Linear, nn.Conv2d)):  # candidates are swapped in as children of their parent
+        raise TuneError(f"the model itself is an {type(model).__name__}: wrap it in a container (e.g. "
+                        "nn.Sequential) to tune it")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TuneError(f"seed = {seed!r} must be an integer (the sampler's seed)")
     if not callable(evaluate):
         raise TuneError(f"evaluate must be a callable evaluate(model) -> float, not {type(evaluate).__name__}")
     if isinstance(min_quality, bool) or not isinstance(min_quality, numbers.Real) or math.isnan(min_quality):
@@ -309,14 +316,15 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
 def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_inputs: Any, min_quality: float,
          objective: str = "params", space: Mapping[str, Any] | None = None, n_trials: int = 50,
          storage: str | None = None, study_name: str | None = None, seed: int = 0) -> TuneResult:
-    """Search per-layer ranks / methods of ``model``'s Linear and Conv2d layers for the cheapest policy whose
+    """Search per-layer ranks / methods of ``model``'s Linear and Conv2d layers (those :func:`panther_fx.convert`
+    factorizes: not MHA's out_proj, subclasses or tied weights) for the cheapest policy whose
     ``evaluate(model) >= min_quality``.
 
     Args:
         model: the dense model (left unchanged: trials run on a deep copy).
         evaluate: ``evaluate(model) -> float``, higher is better; called under ``torch.no_grad()``.
-        example_inputs: a forward's inputs (tensor, tuple of positional args or dict of keyword args) for the
-            latency and memory measurements; ``None`` skips them (objective ``"params"`` only).
+        example_inputs: required: a forward's inputs (tensor, tuple of positional args or dict of keyword args)
+            for the latency and memory measurements; pass ``None`` to skip them (objective ``"params"`` only).
         min_quality: the constraint ``evaluate(candidate) >= min_quality``.
         objective: ``"params"`` (all parameters, factors included), ``"latency"`` (median forward ms on the
             model's device) or ``"memory"`` (weight bytes + peak activation bytes of a forward).
@@ -325,12 +333,12 @@ def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_in
         n_trials: trials to run in this call (a resumed study adds this many).
         storage: an Optuna RDB URL (``sqlite:///study.db``) to persist and resume the study.
         study_name: the study in ``storage`` (default: a new name for in-memory studies).
-        seed: the sampler's seed.
+        seed: the sampler's seed (an integer).
 
     Ctrl-C stops the search after recording the running trial as failed; the result then holds the best
     policy so far (``interrupted=True``) and the stored study stays valid.
     """
-    min_quality = _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs)
+    min_quality = _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs, seed)
     try:
         work = copy.deepcopy(model).eval()
         search_space = SearchSpace.build(work, space)
