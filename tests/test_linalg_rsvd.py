@@ -2,6 +2,7 @@
 batches, wide inputs, the tol mode, reproducibility and errors."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -116,7 +117,8 @@ def test_tol_mode_respects_rank_cap_and_batches():
     U, S, Vh = rsvd(A, None, tol=1e-3, block_size=8, generator=0)
     err = torch.linalg.norm(A - (U * S[..., None, :]) @ Vh, dim=(-2, -1)) / torch.linalg.norm(A, dim=(-2, -1))
     assert (err <= 1e-3).all() and U.shape[-1] == S.shape[-1] == Vh.shape[-2]
-    U, S, Vh = rsvd(A, 12, tol=1e-6, generator=0)  # cap reached before tol
+    with pytest.warns(UserWarning, match=r"rsvd: tol=1e-06 not met at the rank cap 12"):
+        U, S, Vh = rsvd(A, 12, tol=1e-6, generator=0)  # cap reached before tol
     assert S.shape == (2, 12)
 
 
@@ -129,6 +131,13 @@ def test_tol_mode_respects_rank_cap_and_batches():
     ((torch.randn(10, 6),), dict(rank=2, sketch="fancy"), "unknown sketch 'fancy'"),
     ((torch.ones(10, 6, dtype=torch.int64),), dict(rank=2), "floating point"),
     ((torch.full((10, 6), float("nan")),), dict(rank=2), "NaN or Inf"),
+    ((torch.randn(10, 6),), dict(rank=True), "rsvd: rank must be an int, got True"),
+    ((torch.randn(10, 6),), dict(rank=2.5), "rsvd: rank must be an int, got 2.5"),
+    ((torch.randn(10, 6),), dict(rank=2, oversample=-5), "rsvd: oversample must be an int >= 0, got -5"),
+    ((torch.randn(10, 6),), dict(rank=2, n_iter=-3), "rsvd: n_iter must be an int >= 0, got -3"),
+    ((torch.randn(10, 6),), dict(rank=2, n_iter=1.5), "n_iter must be an int >= 0, got 1.5"),
+    ((torch.randn(10, 6),), dict(rank=None, tol=0.1, block_size=0), "rsvd: block_size must be an int >= 1, got 0"),
+    ((torch.randn(10, 6, dtype=torch.float16),), dict(rank=2), "rsvd: A must be float32 or float64, got torch.float16"),
 ])
 def test_bad_input_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -159,3 +168,38 @@ def test_cholesky_qr2_is_orthonormal_and_exact_at_moderate_condition(cond):
 def test_cholesky_qr2_declines_a_numerically_rank_deficient_matrix():
     Y = with_spectrum(500, 40, torch.logspace(0, -12, 40, dtype=F64))
     assert rsvd_module._cholesky_qr2(Y) is None
+
+
+def _decay_08_float32():
+    """The review's case: float32 400 x 150 with σᵢ = 0.8ⁱ."""
+    s = 0.8 ** torch.arange(1, 151, dtype=F64)
+    return with_spectrum(400, 150, s).float(), s
+
+
+@pytest.mark.parametrize("tol", [3e-4, 1e-4])
+def test_float32_tol_mode_returns_near_minimal_rank(tol):
+    """The error indicator ‖A‖² − Σ‖Bᵢ‖² carries ~eps‖A‖² of rounding, i.e. √eps relative: below it the loop ran
+    to the cap, and the noise added into the final selection returned rank 150 (seed 5) or 52 (seed 4)."""
+    A, s = _decay_08_float32()
+    tails = s.square().flip(0).cumsum(0).flip(0).sqrt() / s.norm()
+    optimal_rank = int((tails > tol).sum())
+    for seed in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # tol is met: no warning
+            U, S, Vh = rsvd(A, None, tol=tol, generator=seed)
+        r = S.shape[0]
+        err = torch.linalg.norm(A.double() - (U.double() * S.double()) @ Vh.double()) / torch.linalg.norm(A.double())
+        assert err <= tol and optimal_rank <= r <= optimal_rank + 2, (seed, r, optimal_rank, err)
+
+
+def test_tol_mode_warns_when_the_cap_stops_it():
+    A, _ = _decay_08_float32()
+    with pytest.warns(UserWarning, match=r"rsvd: tol=0.001 not met at the rank cap 5 \(relative error 0.3"):
+        U, S, Vh = rsvd(A.double(), 5, tol=1e-3, generator=3)
+    assert S.shape == (5,)
+
+
+def test_tol_below_float32_resolution_is_reported():
+    A, _ = _decay_08_float32()
+    with pytest.warns(UserWarning, match=r"rsvd: tol=1e-08 is below what float32 resolves"):
+        rsvd(A, None, tol=1e-8, generator=0)
