@@ -408,7 +408,7 @@ def test_seed_must_be_an_integer(mlp, seed):
 def test_a_bare_layer_is_refused_before_any_trial():
     calls = []
     for layer in (nn.Linear(64, 64), nn.Conv2d(8, 8, 3)):
-        with pytest.raises(TuneError, match=f"the model itself is an {type(layer).__name__}: wrap it"):
+        with pytest.raises(TuneError, match=f"the model itself is a {type(layer).__name__} layer: wrap it"):
             tune(layer, lambda m: calls.append(m) or 0.0, example_inputs=None, min_quality=-1.0, n_trials=2)
     assert not calls
 

@@ -222,7 +222,7 @@ def _check_args(model, evaluate, min_quality, objective, n_trials, storage, exam
     if not isinstance(model, nn.Module):
         raise TuneError(f"model must be an nn.Module, not {type(model).__name__}")
     if isinstance(model, (nn.Linear, nn.Conv2d)):  # candidates are swapped in as children of their parent
-        raise TuneError(f"the model itself is an {type(model).__name__}: wrap it in a container (e.g. "
+        raise TuneError(f"the model itself is a {type(model).__name__} layer: wrap it in a container (e.g. "
                         "nn.Sequential) to tune it")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TuneError(f"seed = {seed!r} must be an integer (the sampler's seed)")
