@@ -214,6 +214,16 @@ def test_load_refuses_a_file_without_a_policy(tmp_path):
         panther_fx.load(path, make_net)
 
 
+def test_load_names_the_file_of_a_corrupt_stored_policy(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "corrupt.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path),
+              metadata={"panther_fx.format": "panther_fx/1", "panther_fx.policy": "[defaults\n"})
+    with pytest.raises(panther_fx.PolicyError, match=r"corrupt\.safetensors\[panther_fx\.policy\]: invalid TOML"):
+        read_policy(path)
+
+
 def test_compiled_converted_model_has_eager_gradients():
     """torch.compile(backend='panther') without a policy keeps the panther modules' ops: same gradients."""
     model = make_net()

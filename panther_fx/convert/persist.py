@@ -49,9 +49,7 @@ def read_policy(path: str | os.PathLike) -> Policy:
     if metadata.get(_FORMAT_KEY) != FORMAT or _POLICY_KEY not in metadata:
         raise PolicyError(f"{path}: not a panther_fx checkpoint (no {_POLICY_KEY!r} in its safetensors metadata); "
                           "write it with panther_fx.save")
-    import tomllib
-
-    return Policy.from_dict(tomllib.loads(metadata[_POLICY_KEY]), source=f"{Path(path).name}[{_POLICY_KEY}]")
+    return Policy.from_toml(metadata[_POLICY_KEY], source=f"{Path(path).name}[{_POLICY_KEY}]")
 
 
 def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module], *, calibration: Any = None) -> nn.Module:
