@@ -225,3 +225,40 @@ def test_cuda_matches_cpu(kind):
     A, rows, vals = A.detach().cuda().requires_grad_(), rows.cuda(), vals.detach().cuda().requires_grad_()
     torch.library.opcheck(ops.sparse_sketch, (A, rows, vals, S.shape[0]))
     torch.library.opcheck(ops.sparse_sketch_t, (torch.randn(S.shape[0], 3, dtype=F64, device="cuda"), rows, vals))
+
+
+def test_sparse_sign_rejects_a_bool_vec_nnz():
+    with pytest.raises(ValueError, match="sparse_sign sketch: vec_nnz must be a positive int, got True"):
+        SparseSignSketch(4, 10, vec_nnz=True, generator=0)
+
+
+# ---------------------------------------------------------------- weight factorizations: arguments
+@pytest.mark.parametrize("rank", [-2, 0, 31, True, 2.5])
+def test_svd_and_asvd_factors_check_the_rank(rank):
+    """rank=-2 gave rank-28 factors (U[:, :-2]), 0 empty ones, 45 silently rank 30."""
+    from panther_fx.linalg import asvd_factors, svd_factors
+    W = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=rf"svd_factors: rank must be an int in \[1, min\(O, I\) = 30\], got {rank}"):
+        svd_factors(W, rank)
+    with pytest.raises(ValueError, match=rf"asvd_factors: rank must be an int in \[1, min\(O, I\) = 30\], got {rank}"):
+        asvd_factors(W, W.T @ W, rank)
+
+
+def test_sketch_factors_take_a_seed_like_the_rest():
+    """docs: everything takes a torch.Generator or an int seed; an int raised AttributeError."""
+    from panther_fx.linalg import as_generator, sketch_factors
+    from panther_fx.linalg.conv import conv_sketch_factors
+    W, K = torch.randn(8, 6), torch.randn(4, 2, 3, 3)
+    for a, b in zip(sketch_factors(W, 2, 3, generator=3), sketch_factors(W, 2, 3, generator=as_generator(3))):
+        assert torch.equal(a, b)
+    for a, b in zip(conv_sketch_factors(K, 2, 3, generator=3), conv_sketch_factors(K, 2, 3, generator=as_generator(3))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fn", ["conv_svd_factors", "conv_sketch_factors"])
+def test_conv_factors_need_groups_dividing_the_channels(fn):
+    """O = 8 with groups = 3 failed inside a reshape ("shape '[8, 1, 1, 1]' is invalid")."""
+    from panther_fx.linalg import conv
+    args, kwargs = ((4,), {}) if fn == "conv_svd_factors" else ((1, 4), {"generator": 0})
+    with pytest.raises(ValueError, match=rf"{fn}: groups = 3 must divide the 8 output channels"):
+        getattr(conv, fn)(torch.randn(8, 2, 3, 3), *args, groups=3, **kwargs)

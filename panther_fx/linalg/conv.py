@@ -17,12 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._random import random_signs
+from ._random import as_generator, random_signs
 from ..ops.conv2d import sketch_mix_weight
 from .lowrank import svd_factors
 
 __all__ = ["conv_svd_factors", "conv_sketch_factors", "conv_weight_from_lowrank", "conv_weight_from_sketch",
            "group_rank"]
+
+
+def _check_groups(fn: str, out_channels: int, groups: int) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or out_channels % groups:
+        raise ValueError(f"{fn}: groups = {groups!r} must divide the {out_channels} output channels of the kernel")
 
 
 def group_rank(rank: int, out_channels: int, in_features: int, groups: int) -> int:
@@ -39,6 +44,7 @@ def conv_svd_factors(K: Tensor, rank: int, *, groups: int = 1, oversample: int =
     optimal rank-r_g approximation (:func:`~panther_fx.linalg.svd_factors` of the reshaped K_g).
     """
     O, Cg, kh, kw = K.shape
+    _check_groups("conv_svd_factors", O, groups)
     r_g = group_rank(rank, O, Cg * kh * kw, groups)
     Og = O // groups
     Vs, Us = [], []
@@ -64,13 +70,16 @@ def conv_weight_from_lowrank(V: Tensor, U: Tensor, groups: int = 1) -> Tensor:
 
 @torch.no_grad()
 def conv_sketch_factors(K: Tensor, num_terms: int, low_rank: int, *, groups: int = 1,
-                        generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                        generator: torch.Generator | int | None) -> tuple[Tensor, Tensor]:
     """Panther SKConv2d factors of K (O, C/G, kh, kw): S1 (G·2Lk, C/G, kh, kw) and U1 (2L, k, O).
 
     U1 holds 2L = 2·``num_terms`` sign matrices with entries ±1/√k (k = ``low_rank``), drawn from
-    ``generator``; S1_{g,i}[j] = Σ_{o in group g} U1_i[j, o] K[o] in float32 (float64 stays float64).
+    ``generator`` (a ``torch.Generator`` or a seed for a CPU generator); S1_{g,i}[j] = Σ_{o in group g} U1_i[j, o] K[o]
+    in float32 (float64 stays float64).
     """
+    generator = as_generator(generator)
     O, Cg, kh, kw = K.shape
+    _check_groups("conv_sketch_factors", O, groups)
     T2, k, Og = 2 * num_terms, low_rank, O // groups
     work = torch.float64 if K.dtype == torch.float64 else torch.float32
     U1 = random_signs((T2, k, O), generator=generator, scale=k ** -0.5, dtype=work, device=K.device)

@@ -1,7 +1,8 @@
 """Factorizations of dense weights, shared by the backend's rewrites and the modules' ``from_dense``.
 
-All factors are computed in float32 (float64 stays float64) on the weight's device, then cast back to the
-weight's dtype, so a bf16 model is factorized as accurately as its weights allow.
+svd_factors and sketch_factors compute in float32 (float64 stays float64), asvd_factors and whitening in float64
+(its triangular solve amplifies rounding), all on the weight's device; the factors are cast back to the weight's
+dtype, so a bf16 model is factorized as accurately as its weights allow.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._random import random_signs
+from ._random import as_generator, random_signs
 from .rsvd import rsvd
 
 __all__ = ["svd_factors", "asvd_factors", "whitening", "sketch_factors", "sketch_weight", "EXACT_SVD_MAX_DIM",
@@ -20,6 +21,13 @@ EXACT_SVD_MAX_DIM = 1024
 
 ASVD_DAMPING = 1e-4
 """Default damping of :func:`asvd_factors`, relative to the mean diagonal of XᵀX."""
+
+
+def _check_rank(fn: str, W: Tensor, rank: int) -> None:
+    """A negative rank would slice from the end (U[:, :-2]) and one above min(O, I) would be silently cut."""
+    smallest = min(W.shape)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= smallest:
+        raise ValueError(f"{fn}: rank must be an int in [1, min(O, I) = {smallest}], got {rank!r}")
 
 
 def _work_dtype(W: Tensor) -> torch.dtype:
@@ -34,6 +42,7 @@ def svd_factors(W: Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2,
     Exact ``torch.linalg.svd`` when min(O, I) <= ``EXACT_SVD_MAX_DIM`` or the sketch would cover more
     than a quarter of the smaller side; otherwise :func:`~panther_fx.linalg.rsvd`.
     """
+    _check_rank("svd_factors", W, rank)
     Wf = W.detach().to(_work_dtype(W))
     smallest = min(Wf.shape)
     if smallest <= EXACT_SVD_MAX_DIM or 4 * (rank + oversample) >= smallest:
@@ -78,6 +87,7 @@ def asvd_factors(W: Tensor, gram: Tensor, rank: int, *,
     (the triangular solve amplifies rounding), returned in W's dtype.
     """
     O, I = W.shape
+    _check_rank("asvd_factors", W, rank)
     if gram.shape != (I, I):
         raise ValueError(f"asvd_factors: gram is {tuple(gram.shape)}, expected ({I}, {I}) for a weight {(O, I)}")
     S = whitening(gram.to(W.device), damping=damping)
@@ -91,12 +101,14 @@ def asvd_factors(W: Tensor, gram: Tensor, rank: int, *,
 
 @torch.no_grad()
 def sketch_factors(W: Tensor, num_terms: int, low_rank: int, *,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   generator: torch.Generator | int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Panther/Kasiviswanathan sketch of W (O, I) -> (S1 (L, I, k), S2 (L, k, O), U1 (L, k, O), U2 (L, I, k)).
 
     U1_i and U2_i are fixed ±1/√k sign matrices; S1_i = Wᵀ U1_iᵀ and S2_i = U2_iᵀ Wᵀ, so that
-    1/(2L) Σ_i (S1_i U1_i + U2_i S2_i) is an unbiased estimate of Wᵀ.
+    1/(2L) Σ_i (S1_i U1_i + U2_i S2_i) is an unbiased estimate of Wᵀ. ``generator``: a ``torch.Generator``, or
+    a seed for a CPU generator (the signs are drawn there and moved, so a seed gives the same factors anywhere).
     """
+    generator = as_generator(generator)
     O, I = W.shape
     L, k = num_terms, low_rank
     dtype = _work_dtype(W)

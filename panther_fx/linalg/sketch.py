@@ -132,7 +132,7 @@ class SparseSignSketch(SketchOperator):
 
     def __init__(self, sketch_size: int, input_size: int, *, vec_nnz: int = 8, **kwargs) -> None:
         super().__init__(sketch_size, input_size, **kwargs)
-        if not isinstance(vec_nnz, int) or vec_nnz < 1:
+        if not isinstance(vec_nnz, int) or isinstance(vec_nnz, bool) or vec_nnz < 1:
             raise ValueError(f"{self.kind} sketch: vec_nnz must be a positive int, got {vec_nnz!r}")
         self.vec_nnz = min(vec_nnz, sketch_size)
         g = self.generator

@@ -65,16 +65,12 @@ def _fwht_fake(x):
 fwht = define_op("fwht(Tensor x) -> Tensor", fwht_body, _fwht_fake)
 
 
-def _fwht_setup(ctx, inputs, output):
-    pass
-
-
 def _fwht_backward(ctx, gy):
     # The orthonormal transform is symmetric: its adjoint is itself.
     return fwht(gy)
 
 
-register_autograd("fwht", _fwht_backward, _fwht_setup)
+register_autograd("fwht", _fwht_backward, None)  # the backward needs nothing saved
 
 
 def _check_sparse(A: Tensor, rows: Tensor, vals: Tensor, name: str) -> None:
