@@ -1,6 +1,7 @@
 """cqrrpt: A[:, piv] = Q R with ‖AP − QR‖/‖A‖ and ‖QᵀQ − I‖ at working precision in float32 and float64,
 ill-conditioned and rank-deficient inputs, full rank kept in float32 (the prior art truncated it), qrcp, errors."""
 
+import importlib
 import math
 
 import pytest
@@ -269,6 +270,23 @@ def test_rank_lost_by_the_sketch_is_recovered(dtype, pivoting):
     A = orthonormal(200, 100, 0, dtype)
     Q, R, piv = cqrrpt(A, sketch="countsketch", generator=0, pivoting=pivoting)
     assert_factorization(A, Q, R, piv, rank=100)
+
+
+@pytest.mark.parametrize("check_elements", [1 << 23, 300 * 3])
+def test_dropped_column_check_in_chunks(check_elements, monkeypatch):
+    """Step 7 on a rank-20 300 x 50 A, in one pass or in column chunks of 3 (the bounded-memory path for large
+    A): it accepts the factorization and rejects one whose R misrepresents a single dropped column."""
+    cqrrpt_module = importlib.import_module("panther_fx.linalg.cqrrpt")  # the package's `cqrrpt` is the function
+
+    monkeypatch.setattr(cqrrpt_module, "_CHECK_ELEMENTS", check_elements)
+    A = with_cond(300, 50, 10.0, F64, rank=20, seed=19)
+    Q, R, piv = cqrrpt(A, generator=19)
+    assert R.shape[0] == 20
+    tau = rank_threshold(F64)
+    assert cqrrpt_module._dropped_columns_represented(A, (Q, R, piv), tau)
+    wrong = R.clone()
+    wrong[0, 47] += 1e-6 * R.diagonal().abs().max()
+    assert not cqrrpt_module._dropped_columns_represented(A, (Q, wrong, piv), tau)
 
 
 @pytest.mark.parametrize("kwargs, match", [
