@@ -199,6 +199,14 @@ def test_tol_mode_warns_when_the_cap_stops_it():
     assert S.shape == (5,)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_tol_warnings_point_at_the_caller(wide):
+    A, _ = _decay_08_float32()
+    with pytest.warns(UserWarning, match="not met at the rank cap") as record:
+        rsvd(A.double().mT if wide else A.double(), 5, tol=1e-3, generator=3)
+    assert record[0].filename == __file__
+
+
 def test_tol_below_float32_resolution_is_reported():
     A, _ = _decay_08_float32()
     with pytest.warns(UserWarning) as record:

@@ -89,11 +89,16 @@ def rsvd(A: Tensor, rank: int | None, *, oversample: int = 10, n_iter: int = 2,
     device (so the draws never cross the host–device link; a GPU and the CPU draw differently from one seed).
     """
     _check(A, rank, tol, sketch, oversample, n_iter, block_size)
-    m, n = A.shape[-2:]
-    if m < n:  # work on the tall orientation so Q is (m, l) with l <= n
-        U, S, Vh = rsvd(A.mT, rank, oversample=oversample, n_iter=n_iter, generator=generator, sketch=sketch,
-                        tol=tol, block_size=block_size)
+    if A.shape[-2] < A.shape[-1]:  # work on the tall orientation so Q is (m, l) with l <= n
+        U, S, Vh = _rsvd_tall(A.mT, rank, oversample, n_iter, generator, sketch, tol, block_size)
         return Vh.mT, S, U.mT
+    return _rsvd_tall(A, rank, oversample, n_iter, generator, sketch, tol, block_size)
+
+
+def _rsvd_tall(A: Tensor, rank: int | None, oversample: int, n_iter: int, generator: torch.Generator | int | None,
+               sketch: str, tol: float | None, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rsvd` of a checked A with m >= n."""
+    n = A.shape[-1]
     gen = as_generator(generator, A.device)
     if tol is None:
         Q = _range_finder(A, min(rank + oversample, n), n_iter, sketch, gen)
@@ -157,6 +162,9 @@ def _range_finder(A: Tensor, width: int, n_iter: int, sketch: str, gen: torch.Ge
     return Q
 
 
+_CALLER = 4  # warnings point at rsvd's caller: rsvd -> _rsvd_tall -> _rsvd_tol -> warnings.warn
+
+
 def _rsvd_tol(A: Tensor, max_rank: int, tol: float, n_iter: int, sketch: str, gen: torch.Generator,
               block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Blocked randQB_EI: Q, B grow by blocks orthogonal to the previous ones until the error indicator is met."""
@@ -164,7 +172,7 @@ def _rsvd_tol(A: Tensor, max_rank: int, tol: float, n_iter: int, sketch: str, ge
     if tol < RESOLVABLE_EPS * eps:
         warnings.warn(f"rsvd: tol={tol:g} is below what {str(A.dtype).removeprefix('torch.')} resolves "
                       f"(~{RESOLVABLE_EPS:g} eps = {RESOLVABLE_EPS * eps:.1e}): the rank cap may be reached; use "
-                      "float64", stacklevel=3)
+                      "float64", stacklevel=_CALLER)
     norm2 = A.double().square().sum((-2, -1))  # ‖A‖²_F per matrix, in float64
     target = (tol ** 2) * norm2
     residual, subtracted = norm2, torch.zeros_like(norm2)  # the indicator, and what it subtracted since exact
@@ -194,7 +202,7 @@ def _rsvd_tol(A: Tensor, max_rank: int, tol: float, n_iter: int, sketch: str, ge
         r = S.shape[-1]
         reached = ((residual.clamp_min(0) + rounding) / norm2).sqrt().max().item()
         warnings.warn(f"rsvd: tol={tol:g} not met at the rank cap {max_rank} (relative error {reached:.2g})",
-                      stacklevel=3)
+                      stacklevel=_CALLER)
     return (Q @ Ub)[..., :r], S[..., :r], Vh[..., :r, :]
 
 
