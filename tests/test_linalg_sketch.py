@@ -232,6 +232,18 @@ def test_sparse_sign_rejects_a_bool_vec_nnz():
         SparseSignSketch(4, 10, vec_nnz=True, generator=0)
 
 
+def test_integer_arguments_accept_numpy_integers():
+    """Sizes computed with NumPy (np.int64) are integers like any other; bools are not (see above)."""
+    import numpy as np
+
+    from panther_fx.linalg import rsvd, svd_factors
+    S = SparseSignSketch(np.int64(4), np.int64(10), vec_nnz=np.int64(2), generator=0)
+    assert (S.sketch_size, S.vec_nnz) == (4, 2)
+    A = torch.randn(20, 12, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert rsvd(A, np.int64(3), oversample=np.int64(2), generator=0)[1].shape == (3,)
+    assert svd_factors(A, np.int64(5))[0].shape[1] == 5
+
+
 # ---------------------------------------------------------------- weight factorizations: arguments
 @pytest.mark.parametrize("rank", [-2, 0, 31, True, 2.5])
 def test_svd_and_asvd_factors_check_the_rank(rank):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._random import as_generator, random_signs
 from ..ops.conv2d import sketch_mix_weight
 from .lowrank import svd_factors
@@ -26,7 +27,7 @@ __all__ = ["conv_svd_factors", "conv_sketch_factors", "conv_weight_from_lowrank"
 
 
 def _check_groups(fn: str, out_channels: int, groups: int) -> None:
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or out_channels % groups:
+    if not is_int(groups) or groups < 1 or out_channels % groups:
         raise ValueError(f"{fn}: groups = {groups!r} must divide the {out_channels} output channels of the kernel")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._random import as_generator, random_signs
 from .rsvd import rsvd
 
@@ -26,7 +27,7 @@ ASVD_DAMPING = 1e-4
 def _check_rank(fn: str, W: Tensor, rank: int) -> None:
     """A negative rank would slice from the end (U[:, :-2]) and one above min(O, I) would be silently cut."""
     smallest = min(W.shape)
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= smallest:
+    if not is_int(rank) or not 1 <= rank <= smallest:
         raise ValueError(f"{fn}: rank must be an int in [1, min(O, I) = {smallest}], got {rank!r}")
 
 

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._random import as_generator
 from .sketch import SKETCHES, make_sketch
 
@@ -44,7 +45,7 @@ def _check(A: Tensor, b: Tensor, sketch: str, method: str, tol: float, max_iter:
         raise ValueError(f"sketched_lstsq: unknown sketch {sketch!r}; expected one of {sorted(SKETCHES)}")
     if method not in METHODS:
         raise ValueError(f"sketched_lstsq: unknown method {method!r}; expected one of {METHODS}")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+    if not is_int(max_iter) or max_iter < 1:
         raise ValueError(f"sketched_lstsq: max_iter must be an int >= 1, got {max_iter!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"sketched_lstsq: tol must be a finite number > 0, got {tol!r}")

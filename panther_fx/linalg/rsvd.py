@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._random import as_generator
 from .sketch import SKETCHES, make_sketch
 
@@ -26,7 +27,7 @@ measurement as :data:`INDICATOR_ROUNDING`)."""
 
 
 def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(f"rsvd: {name} must be an int >= {low}, got {value!r}")
 
 
@@ -41,7 +42,7 @@ def _check(A: Tensor, rank: int | None, tol: float | None, sketch: str, oversamp
     m, n = A.shape[-2:]
     if rank is None and tol is None:
         raise ValueError("rsvd: give a rank, a tol, or both (rank then caps the rank tol mode may reach)")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+    if rank is not None and not is_int(rank):
         raise ValueError(f"rsvd: rank must be an int, got {rank!r}")
     if rank is not None and not 1 <= rank <= min(m, n):
         raise ValueError(f"rsvd: rank must lie in [1, min(m, n) = {min(m, n)}], got {rank}")

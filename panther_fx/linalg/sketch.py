@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ._random import as_generator, random_signs
 
 __all__ = [
@@ -43,7 +44,7 @@ class SketchOperator:
     def __init__(self, sketch_size: int, input_size: int, *, generator: torch.Generator | int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         for name, value in (("sketch_size", sketch_size), ("input_size", input_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{self.kind} sketch: {name} must be a positive int, got {value!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"{self.kind} sketch: dtype must be floating point, got {dtype}")
@@ -132,7 +133,7 @@ class SparseSignSketch(SketchOperator):
 
     def __init__(self, sketch_size: int, input_size: int, *, vec_nnz: int = 8, **kwargs) -> None:
         super().__init__(sketch_size, input_size, **kwargs)
-        if not isinstance(vec_nnz, int) or isinstance(vec_nnz, bool) or vec_nnz < 1:
+        if not is_int(vec_nnz) or vec_nnz < 1:
             raise ValueError(f"{self.kind} sketch: vec_nnz must be a positive int, got {vec_nnz!r}")
         self.vec_nnz = min(vec_nnz, sketch_size)
         g = self.generator

@@ -6,11 +6,10 @@ same layer on every device, and a CPU generator can initialise a CUDA layer.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..linalg import as_generator
 
 Seed = int | torch.Generator | None
@@ -31,5 +30,5 @@ def uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator, *,
 def check_sizes(where: str, **sizes) -> None:
     """Raise a ValueError naming ``where`` unless every size (a rank, num_terms, low_rank) is an integer >= 1."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{where}: {name}={value!r} must be an integer >= 1")

@@ -38,6 +38,7 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import is_int
 from ..passes import FactorCache
 from ..policy import Policy, factored_params
 from .measure import Costs, applied, measure_costs, plan_layer
@@ -224,7 +225,7 @@ def _check_args(model, evaluate, min_quality, objective, n_trials, storage, exam
     if isinstance(model, (nn.Linear, nn.Conv2d)):  # candidates are swapped in as children of their parent
         raise TuneError(f"the model itself is a {type(model).__name__} layer: wrap it in a container (e.g. "
                         "nn.Sequential) to tune it")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not is_int(seed):
         raise TuneError(f"seed = {seed!r} must be an integer (the sampler's seed)")
     if not callable(evaluate):
         raise TuneError(f"evaluate must be a callable evaluate(model) -> float, not {type(evaluate).__name__}")
@@ -232,7 +233,7 @@ def _check_args(model, evaluate, min_quality, objective, n_trials, storage, exam
         raise TuneError(f"min_quality = {min_quality!r} must be a number (the lowest acceptable evaluate(model))")
     if objective not in OBJECTIVES:
         raise TuneError(f"objective = {objective!r} must be one of {', '.join(OBJECTIVES)}")
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+    if not is_int(n_trials) or n_trials < 1:
         raise TuneError(f"n_trials = {n_trials!r} must be an integer >= 1")
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise TuneError(f"storage = {storage!r} must be an Optuna RDB URL such as 'sqlite:///study.db'")
