@@ -100,6 +100,7 @@ def test_preconditioned_beats_few_iterations():
     (torch.randn(20, 3), torch.randn(20), {"sketch": "x"}, "unknown sketch 'x'"),
     (torch.randn(20, 3), torch.randn(20), {"sketch_size": 2}, r"sketch_size must lie in \[n, m\] = \[3, 20\]"),
     (torch.randn(20, 3)[:, [0, 1, 1]], torch.randn(20), {}, "rank deficient"),
+    (torch.randn(20, 3), torch.empty(20, device="meta"), {}, "b is on meta but A is on cpu"),
 ])
 def test_bad_input_errors(A, b, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -405,6 +405,11 @@ def test_seed_must_be_an_integer(mlp, seed):
         tune(mlp, lambda m: 0.0, example_inputs=None, min_quality=-1.0, n_trials=1, seed=seed)
 
 
+def test_study_name_must_be_a_string(mlp):
+    with pytest.raises(TuneError, match="study_name = 5 must be a string"):
+        tune(mlp, lambda m: 0.0, example_inputs=None, min_quality=-1.0, n_trials=1, study_name=5)
+
+
 def test_a_bare_layer_is_refused_before_any_trial():
     calls = []
     for layer in (nn.Linear(64, 64), nn.Conv2d(8, 8, 3)):

@@ -36,6 +36,8 @@ def _check(A: Tensor, b: Tensor, sketch: str, method: str, tol: float, max_iter:
     if not isinstance(b, Tensor) or b.dim() not in (1, 2) or b.shape[0] != m:
         raise ValueError(f"sketched_lstsq: b must be ({m},) or ({m}, k) to match A {(m, n)}, got "
                          f"{tuple(getattr(b, 'shape', ()))}")
+    if b.device != A.device:
+        raise ValueError(f"sketched_lstsq: b is on {b.device} but A is on {A.device}; move them to one device")
     for name, t in (("A", A), ("b", b)):
         if t.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sketched_lstsq: {name} must be float32 or float64, got {t.dtype}")

@@ -219,7 +219,8 @@ def _next_refine(space: SearchSpace, errors: Mapping[str, Mapping[str, float]],
 
 
 # ---- the search ----------------------------------------------------------------------------------------
-def _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs, seed) -> float:
+def _check_args(model, evaluate, min_quality, objective, n_trials, storage, study_name, example_inputs,
+                seed) -> float:
     if not isinstance(model, nn.Module):
         raise TuneError(f"model must be an nn.Module, not {type(model).__name__}")
     if isinstance(model, (nn.Linear, nn.Conv2d)):  # candidates are swapped in as children of their parent
@@ -235,6 +236,8 @@ def _check_args(model, evaluate, min_quality, objective, n_trials, storage, exam
         raise TuneError(f"objective = {objective!r} must be one of {', '.join(OBJECTIVES)}")
     if not is_int(n_trials) or n_trials < 1:
         raise TuneError(f"n_trials = {n_trials!r} must be an integer >= 1")
+    if study_name is not None and not isinstance(study_name, str):
+        raise TuneError(f"study_name = {study_name!r} must be a string (the Optuna study's name)")
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise TuneError(f"storage = {storage!r} must be an Optuna RDB URL such as 'sqlite:///study.db'")
     if example_inputs is None and objective != "params":
@@ -339,7 +342,8 @@ def tune(model: nn.Module, evaluate: Callable[[nn.Module], float], *, example_in
     Ctrl-C stops the search after recording the running trial as failed; the result then holds the best
     policy so far (``interrupted=True``) and the stored study stays valid.
     """
-    min_quality = _check_args(model, evaluate, min_quality, objective, n_trials, storage, example_inputs, seed)
+    min_quality = _check_args(model, evaluate, min_quality, objective, n_trials, storage, study_name, example_inputs,
+                              seed)
     try:
         work = copy.deepcopy(model).eval()
         search_space = SearchSpace.build(work, space)
