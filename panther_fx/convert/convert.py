@@ -88,13 +88,9 @@ def _names_exactly(ctx: ConvertContext, decision: Decision) -> bool:
     return _named_by_rule(decision) and ctx.policy.rules[decision.rule_index - 1].match == decision.path
 
 
-def _tied_elsewhere(ctx: ConvertContext, module: nn.Module) -> list[str]:
+def _tied(owners: dict[int, list[tuple[str, int]]], module: nn.Module) -> list[str]:
     """Parameters of other modules that are ``module.weight``: converting it would untie them. (The same
     module reachable at two paths is not a tie: it is converted once and stays shared.)"""
-    return _tied(ctx.owners, module)
-
-
-def _tied(owners: dict[int, list[tuple[str, int]]], module: nn.Module) -> list[str]:
     return [p for p, owner in owners.get(id(module.weight), []) if owner != id(module)]
 
 
@@ -124,7 +120,7 @@ def convert_linear(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
             ctx.uncalibrated.append(path)  # [defaults]: warned once for all such layers after the walk
     if plan.factors is None:
         return Converted(None, decision, plan.report)
-    tied = _tied_elsewhere(ctx, module)
+    tied = _tied(ctx.owners, module)
     if tied:
         why = _tied_why(tied)
         if _names_exactly(ctx, decision):
@@ -150,7 +146,7 @@ def convert_conv2d(ctx: ConvertContext, path: str, module: nn.Module) -> Convert
     plan = plan_conv2d(path, module.weight, ctx.policy, ctx.cache, groups=module.groups)
     if plan.factors is None:
         return Converted(None, plan.decision, plan.report)
-    tied = _tied_elsewhere(ctx, module)
+    tied = _tied(ctx.owners, module)
     if tied:
         why = _tied_why(tied)
         if _names_exactly(ctx, plan.decision):
