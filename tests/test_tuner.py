@@ -170,6 +170,11 @@ def test_choice_table_errors_name_the_choice_not_a_rule(mlp):
         SearchSpace.build(mlp, {"**": [{"method": "svd", "rnak": 4}]})
     assert str(e.value).startswith("space['**']: choice {'method': 'svd', 'rnak': 4}: unknown key 'rnak'")
     assert "rule" not in str(e.value)
+    # the allowed keys listed are those a choice may hold, without a rule's 'match' and 'op'
+    allowed = str(e.value).split("allowed keys: ")[1].split(", ")
+    assert "rank" in allowed and "match" not in allowed and "op" not in allowed
+    with pytest.raises(SpaceError, match="holds policy settings, not 'match' or 'op'"):
+        SearchSpace.build(mlp, {"**": [{"op": "linear", "rank": 4}]})
 
 
 def test_asvd_choice_is_refused_because_tune_does_not_calibrate(mlp):

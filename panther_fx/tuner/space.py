@@ -109,10 +109,15 @@ def _parse_choice(where: str, value: Any) -> Choice:
             raise SpaceError(f"{where}: a choice table holds policy settings, not 'match' or 'op'")
         settings.setdefault("method", "svd")
         where = f"{where}: choice {dict(value)!r}"
-        try:  # validate through the policy loader so the messages match policy files
-            Policy.from_dict({"rule": [{"match": "x", "op": "linear", **settings}]}, source=where)
-        except PolicyError as e:  # the one-rule policy is ours: its "rule 1" means nothing to the caller
-            raise SpaceError(str(e).replace(f"{where}: rule 1: ", f"{where}: ", 1)) from None
+        # Validate through the policy loader so the messages match policy files: as [defaults] first, whose
+        # allowed keys are the settings alone (a rule's would offer 'match' and 'op'), then as a linear rule.
+        # The tables are ours: their "[defaults]" and "rule 1" mean nothing to the caller.
+        for table, label in (({"defaults": settings}, "[defaults]"),
+                             ({"rule": [{"match": "x", "op": "linear", **settings}]}, "rule 1")):
+            try:
+                Policy.from_dict(table, source=where)
+            except PolicyError as e:
+                raise SpaceError(str(e).replace(f"{where}: {label}: ", f"{where}: ", 1)) from None
         if settings["method"] == "asvd":  # trials would run the dense layer: asvd without Gram matrices is dense
             raise SpaceError(f"{where}: method 'asvd' needs calibration (per-layer input Gram matrices), which "
                              "tune does not compute; tune 'svd' ranks, then convert with method = 'asvd' and "
