@@ -64,6 +64,22 @@ def test_convert_swaps_selected_layers_and_keeps_shared_modules_shared():
     assert model.panther_policy == panther_fx.Policy.load(MIXED)
 
 
+def test_a_layer_named_twice_under_one_parent_is_converted_at_both_names():
+    """named_children() yields a module once per parent: the second name used to keep the dense layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 32)
+    full = panther_fx.convert(model, {"defaults": {"method": "svd", "rank": 32, "min_features": 16, "force": True}},
+                              inplace=False)[0]
+    assert isinstance(full[2], LowRankLinear) and full[2] is full[0]
+    assert not any(isinstance(m, nn.Linear) for m in full.modules())
+    torch.testing.assert_close(full(x), model(x), atol=1e-5, rtol=1e-5)  # full rank: the dense model
+    report = panther_fx.convert(model, SVD)
+    assert [r.path for r in report] == ["0"] and model[2] is model[0]
+    assert sum(p.numel() for p in model.parameters()) == 8 * 32 * 2 + 32
+
+
 def test_convert_has_the_backends_factors_and_report():
     """Same matcher, factorization and seeds as backend='panther': outputs agree to rounding."""
     model = make_net()

@@ -306,7 +306,9 @@ def _refuse_if_named(ctx: ConvertContext, path: str, module: nn.Module) -> None:
 
 def _walk(ctx: ConvertContext, parent: nn.Module, prefix: str, done: dict[int, nn.Module | None],
           report: Report, decisions: list[Decision]) -> None:
-    for name, child in list(parent.named_children()):
+    # _modules, not named_children(): that skips a module already seen under this parent, which would leave a
+    # second name for a converted layer (Sequential(lin, act, lin), self.b = self.a) dense and still in use.
+    for name, child in list(parent._modules.items()):
         if child is None:
             continue
         path = f"{prefix}.{name}" if prefix else name
