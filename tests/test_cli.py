@@ -46,14 +46,25 @@ def test_every_subcommand_has_help(capsys, name):
     (["demo", "--policy", "no/such/policy.toml"], "no policy file"),
     (["bench", "no_such_benchmark"], "unknown benchmark"),
     (["demo", "--n", "6000"], "overlap the calibration"),
-    (["inspect", "no_such_module:make", "--policy", "minilm-svd"], ""),
+    (["inspect", "no_such_module:make", "--policy", "minilm-svd"], "cannot import 'no_such_module'"),
+    (["inspect", "math:pi", "--policy", "minilm-svd"], "math:pi is a float, not a callable"),
+    (["tune", "math:pi", "--eval", "math:sqrt", "--min-quality", "0", "--out", "x.toml"], "not a callable"),
+    (["tune", "torch.nn:Identity", "--eval", "math:pi", "--min-quality", "0", "--out", "x.toml"],
+     "--eval math:pi is a float"),
+    (["demo", "--n", "2", "--calibration", "5000"], "--calibration 5000: load_wiki_pairs: slice [5000:10000]"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code, out, err = run_main(capsys, *argv)
     assert code == 2
-    lines = err.strip().splitlines()
+    # transformers draws its own progress bar while the demo loads MiniLM
+    lines = [line for line in err.strip().splitlines() if not line.startswith("Loading weights")]
     assert len(lines) == 1 and lines[0].startswith(f"panther-fx {argv[0]}: error:") and needle in lines[0]
     assert "Traceback" not in err
+
+
+def test_inspect_takes_a_shipped_policy_name(capsys):
+    code, out, err = run_main(capsys, "inspect", "torch.nn:Identity", "--policy", "minilm-svd")
+    assert code == 0 and not err
 
 
 def test_bad_policy_file_is_one_line(capsys, tmp_path):

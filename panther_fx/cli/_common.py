@@ -6,7 +6,9 @@ import importlib
 import sys
 from typing import Any
 
-__all__ = ["CLIError", "load_object"]
+from torch import nn
+
+__all__ = ["CLIError", "load_object", "build_model"]
 
 
 class CLIError(Exception):
@@ -31,3 +33,14 @@ def load_object(spec: str) -> Any:
     except AttributeError:
         raise CLIError(f"module {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def build_model(spec: str) -> nn.Module:
+    """Call the factory ``pkg.module:name`` and check that it returns an ``nn.Module``."""
+    factory = load_object(spec)
+    if not callable(factory):
+        raise CLIError(f"{spec} is a {type(factory).__name__}, not a callable returning an nn.Module")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model

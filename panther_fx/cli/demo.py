@@ -66,13 +66,22 @@ def _latency_ms(models: dict[str, object], batch: dict[str, torch.Tensor], repea
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def _pairs(flag: str, n: int, start: int) -> list[tuple[str, str]]:
+    from ..evaluation import load_wiki_pairs
+
+    try:
+        return load_wiki_pairs(n, seed=0, start=start)
+    except ValueError as e:
+        raise CLIError(f"{flag} {n}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # torch's own deprecation notices (TorchScript inside Inductor) are not the user's to act on.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
     from ..backend import last_report
     from ..calibration import calibrate
-    from ..evaluation import AssetError, RetrievalTask, load_minilm, load_wiki_pairs
+    from ..evaluation import AssetError, RetrievalTask, load_minilm
     from ..policy import load_policy
 
     policy_path = resolve_policy(args.policy)
@@ -85,8 +94,10 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_minilm()
-        pairs = load_wiki_pairs(args.n, seed=0)
-    except (AssetError, ValueError) as e:
+        pairs = _pairs("--n", args.n, 0)
+        # read before any evaluation runs, so that a bad --calibration fails in a second, not after minutes
+        cal_pairs = _pairs("--calibration", args.calibration, CALIBRATION_START) if uses_asvd else []
+    except AssetError as e:
         raise CLIError(str(e)) from None
     model.requires_grad_(False)
     task = RetrievalTask(tokenizer, pairs, max_length=args.max_length, batch_size=args.batch_size)
@@ -102,7 +113,6 @@ def run(args: argparse.Namespace) -> None:
             dense = task.evaluate(model, progress=progress)
         options = {"policy": policy}
         if uses_asvd:
-            cal_pairs = load_wiki_pairs(args.calibration, seed=0, start=CALIBRATION_START)
             cal_task = RetrievalTask(tokenizer, cal_pairs, max_length=args.max_length, batch_size=args.batch_size)
             texts = [t for pair in cal_pairs for t in pair]
             options["calibration"] = calibrate(model, [enc for _, enc in cal_task.batches(texts)], policy=policy)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from torch import nn
-
 from ..tuner import OBJECTIVES, TuneError, tune
-from ._common import CLIError, load_object
+from ._common import CLIError, build_model, load_object
 
 
 def add_parser(subparsers) -> None:
@@ -37,10 +35,10 @@ def _call_or_value(spec: str):
 
 
 def run(args: argparse.Namespace) -> None:
-    model = load_object(args.factory)()
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
+    model = build_model(args.factory)
     evaluate = load_object(args.evaluate)
+    if not callable(evaluate):
+        raise CLIError(f"--eval {args.evaluate} is a {type(evaluate).__name__}, not a callable evaluate(model)")
     example_inputs = _call_or_value(args.inputs) if args.inputs else None
     space = _call_or_value(args.space) if args.space else None
     if space is not None and not isinstance(space, Mapping):
