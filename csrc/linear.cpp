@@ -95,8 +95,9 @@ void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor&
               ": S1, S2, U1, U2 must be 3-D (L, ., .)");
   const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
   TORCH_CHECK(L >= 1, op, ": S1 ", shape_str(S1.sizes()), " has no terms (L = 0); the output is scaled by 1/(2L)");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == I, op, ": x has ", x.dim() >= 1 ? x.size(-1) : 0,
-              " features but S1 is ", shape_str(S1.sizes()), " (L, in, k)");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(x.size(-1) == I, op, ": x has ", x.size(-1), " features but S1 is ", shape_str(S1.sizes()),
+              " (L, in, k)");
   const std::pair<const char*, const at::Tensor*> others[] = {{"S2", &S2}, {"U1", &U1}, {"U2", &U2}};
   for (const auto& [name, t] : others) {
     const std::vector<int64_t> want = t == &U2 ? std::vector<int64_t>{L, I, k} : std::vector<int64_t>{L, k, O};
@@ -126,13 +127,22 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_gemm(const at::Tensor& 
   return {y.view(out_sizes(x, A.size(0))), t.view(out_sizes(x, B.size(0)))};
 }
 
+// Whether the sketched GEMMs run once per side over concatenated factors rather than once per rank-k term on
+// views of them. Per-term GEMMs win below 2k tokens (copying the factors costs about as much as reading them
+// again), but they add each term into the output in its own dtype: in bf16/fp16 that rounds it 2L times where
+// one GEMM accumulates in fp32 (3x the error at L = 16), so reduced precision always concatenates.
+bool sketch_concat(const at::Tensor& x, int64_t k) {
+  const int64_t tokens = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  return tokens > 2 * k || at::isReducedFloatingType(x.scalar_type());
+}
+
 at::Tensor sketched_linear_gemm(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,
-                                const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias, bool concat) {
+                                const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias) {
   const int64_t L = S1.size(0), I = S1.size(1), O = S2.size(2);
   const double alpha = 1.0 / static_cast<double>(2 * L);
   auto x2 = x.reshape({-1, I});
   auto y = at::empty({x2.size(0), O}, x.options());
-  if (concat) {
+  if (sketch_concat(x, S1.size(2))) {
     auto [left, right] = concat_factors(S1, S2, U1, U2);
     gemm_epilogue(y, at::mm(x2, left), right, bias, alpha);
   } else {
@@ -165,7 +175,7 @@ LowrankGrads lowrank_linear_backward_gemm(const at::Tensor& gy, const at::Tensor
 
 SketchedGrads sketched_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& S1,
                                             const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
-                                            std::array<bool, 6> needs, bool concat) {
+                                            std::array<bool, 6> needs) {
   const int64_t L = S1.size(0), I = S1.size(1), k = S1.size(2), O = S2.size(2);
   const double scale = 1.0 / static_cast<double>(2 * L);
   auto gy2 = gy.reshape({-1, O});
@@ -173,7 +183,7 @@ SketchedGrads sketched_linear_backward_gemm(const at::Tensor& gy, const at::Tens
   const int64_t N = x2.size(0);
   const bool need_left = needs[1] || needs[4], need_right = needs[2] || needs[3];
   OptTensor gx, gS1, gS2, gU1, gU2, gbias;
-  if (concat) {
+  if (sketch_concat(x, k)) {
     auto [left, right] = concat_factors(S1, S2, U1, U2);
     if (needs[0] || need_left) {
       auto gt = at::empty({N, 2 * L * k}, x.options());

@@ -26,10 +26,10 @@ void check_sketched(const at::Tensor& x, const at::Tensor& S1, const at::Tensor&
 at::Tensor lowrank_linear_gemm(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const OptTensor& bias);
 
 // y = 1/(2L) Σ_i (x S1_i U1_i + x U2_i S2_i) + bias as GEMMs over the 2L rank-k terms, scale and bias in the
-// epilogue. `concat` chooses one GEMM per side over copied concatenated factors (large token counts) instead
-// of 2L GEMMs on views of the factors (small token counts, where copying the factors would dominate).
+// epilogue: one GEMM per side over copied concatenated factors, or 2L GEMMs on views of the factors where
+// that pays and keeps the accuracy (see sketch_concat in linear.cpp).
 at::Tensor sketched_linear_gemm(const at::Tensor& x, const at::Tensor& S1, const at::Tensor& S2,
-                                const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias, bool concat);
+                                const at::Tensor& U1, const at::Tensor& U2, const OptTensor& bias);
 
 // (y, t) with t = x Bᵀ (..., r), the rank-r intermediate kept for the backward's gA = gyᵀ t, so that the backward
 // does not read x a second time to recompute it (the op lowrank_linear_with_t, used when A needs a gradient).
@@ -40,6 +40,6 @@ LowrankGrads lowrank_linear_backward_gemm(const at::Tensor& gy, const at::Tensor
                                           const at::Tensor& B, std::array<bool, 4> needs);
 SketchedGrads sketched_linear_backward_gemm(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& S1,
                                             const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
-                                            std::array<bool, 6> needs, bool concat);
+                                            std::array<bool, 6> needs);
 
 }  // namespace panther

@@ -170,6 +170,27 @@ def test_backward_parity_cpu(method, dtype, lead):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [8, 32])
+def test_reduced_precision_sketch_is_as_accurate_as_the_reference(dtype, tokens):
+    """At tokens <= 2k the CPU kernel used one GEMM per rank-k term, adding each into the bf16/fp16 output: 2L
+    roundings of y and of gx (3x the reference's error vs float64 at L = 16) where one GEMM accumulates in
+    fp32. Reduced precision now always takes the concatenated GEMM."""
+    x, factors, _ = make_inputs("sketched", (tokens,), I=256, O=256, r=16, L=16, bias=False, dtype=dtype)
+    gy = rnd(torch.Generator().manual_seed(1), tokens, 256, dtype=dtype, device="cpu")
+    needs = [True] + [False] * 5
+    wide = [t.double() for t in (x, *factors)]
+    y64 = reference("sketched_linear")(*wide)
+    gx64 = reference("sketched_linear_backward")(gy.double(), *wide, needs)[0]
+    rel = lambda got, want: ((got.double() - want).norm() / want.norm()).item()  # noqa: E731
+    for got, ref, want in (
+            (panther.sketched_linear(x, *factors), reference("sketched_linear")(x, *factors), y64),
+            (panther.sketched_linear_backward(gy, x, *factors, needs)[0],
+             reference("sketched_linear_backward")(gy, x, *factors, needs)[0], gx64)):
+        assert rel(got, want) <= 1.2 * rel(ref, want)
+
+
+@needs_ext
 @pytest.mark.parametrize("lead", [(3,), (4, 25)])
 def test_backward_noncontiguous_terms_cpu(lead):
     check_backward("sketched", "cpu", torch.float32, lead, [True] * 6, L=3, noncontig=True)
@@ -216,6 +237,12 @@ def test_errors_name_the_op_and_shapes():
     for run in (panther.sketched_linear, reference("sketched_linear")):
         with pytest.raises(RuntimeError, match=r"sketched_linear: S1 \(0, 48, 12\) has no terms \(L = 0\)"):
             run(x, S1[:0], S2[:0], U1[:0], U2[:0], b)
+    # a 0-d x: the same message as lowrank_linear's from the kernel, the body and the fake (an IndexError before)
+    for run, arg in ((panther.sketched_linear, x[0, 0]), (reference("sketched_linear"), x[0, 0]),
+                     (panther.sketched_linear, x[0, 0].to("meta"))):
+        factors = [t.to(arg.device) for t in (S1, S2, U1, U2)]
+        with pytest.raises(RuntimeError, match="sketched_linear: x must have at least one dimension"):
+            run(arg, *factors, None)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -6,12 +6,6 @@
 namespace panther {
 namespace {
 
-// Below this many tokens per rank-k term, 2L GEMMs on views of the sketch factors beat copying the factors
-// into one concatenated pair (the copy costs about as much as reading the factors again).
-bool concat_pays(int64_t tokens, int64_t k) { return tokens > 2 * k; }
-
-int64_t tokens_of(const at::Tensor& x) { return x.dim() == 0 ? 0 : x.numel() / std::max<int64_t>(x.size(-1), 1); }
-
 at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const OptTensor& bias) {
   check_lowrank(x, A, B, bias);
   count_call("lowrank_linear.cpu");
@@ -22,7 +16,7 @@ at::Tensor sketched_linear_cpu(const at::Tensor& x, const at::Tensor& S1, const 
                                const at::Tensor& U2, const OptTensor& bias) {
   check_sketched(x, S1, S2, U1, U2, bias);
   count_call("sketched_linear.cpu");
-  return sketched_linear_gemm(x, S1, S2, U1, U2, bias, concat_pays(tokens_of(x), S1.size(2)));
+  return sketched_linear_gemm(x, S1, S2, U1, U2, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_t_cpu(const at::Tensor& x, const at::Tensor& A,
@@ -42,7 +36,7 @@ SketchedGrads sketched_linear_backward_cpu(const at::Tensor& gy, const at::Tenso
                                            const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
                                            std::array<bool, 6> needs) {
   count_call("sketched_linear_backward.cpu");
-  return sketched_linear_backward_gemm(gy, x, S1, S2, U1, U2, needs, concat_pays(tokens_of(x), S1.size(2)));
+  return sketched_linear_backward_gemm(gy, x, S1, S2, U1, U2, needs);
 }
 
 }  // namespace

@@ -249,7 +249,7 @@ at::Tensor sketched_linear_cuda(const at::Tensor& x, const at::Tensor& S1, const
   if (use_fused(x, tokens, x.size(-1), R, S2.size(2), /*atomics=*/R < kThreads)) {
     return fused_forward<true>(x, {S1, S2, U1, U2}, bias, R, k, S2.size(2), 1.f / static_cast<float>(2 * L));
   }
-  return sketched_linear_gemm(x, S1, S2, U1, U2, bias, /*concat=*/tokens > 2 * k);
+  return sketched_linear_gemm(x, S1, S2, U1, U2, bias);
 }
 
 // Training forward (A needs a gradient): always the two cuBLAS GEMMs, which produce t; the fused small-token
@@ -271,7 +271,7 @@ SketchedGrads sketched_linear_backward_cuda(const at::Tensor& gy, const at::Tens
                                             const at::Tensor& S2, const at::Tensor& U1, const at::Tensor& U2,
                                             std::array<bool, 6> needs) {
   count_call("sketched_linear_backward.cuda");
-  return sketched_linear_backward_gemm(gy, x, S1, S2, U1, U2, needs, /*concat=*/tokens_of(x) > 2 * S1.size(2));
+  return sketched_linear_backward_gemm(gy, x, S1, S2, U1, U2, needs);
 }
 
 // Reads (and with values >= 0 sets) the fused-path limits: [max_tokens, max_work].

@@ -127,6 +127,7 @@ def _check_sketched(x, S1, S2, U1, U2, bias) -> None:
     L, I, k = S1.shape
     O = S2.shape[2]
     torch._check(L >= 1, lambda: f"sketched_linear: S1 {tuple(S1.shape)} has no terms (L = 0); the output is scaled by 1/(2L)")
+    torch._check(x.dim() >= 1, lambda: "sketched_linear: x must have at least one dimension")
     torch._check(x.shape[-1] == I, lambda: f"sketched_linear: x has {x.shape[-1]} features but S1 is {tuple(S1.shape)} (L, in, k)")
     for name, t, shape in (("S2", S2, (L, k, O)), ("U1", U1, (L, k, O)), ("U2", U2, (L, I, k))):
         torch._check(t.shape == shape, lambda name=name, t=t, shape=shape: f"sketched_linear: {name} must have shape {shape}, got {tuple(t.shape)}")
