@@ -238,6 +238,23 @@ def test_all_keys_padded_gives_zeros_not_nan():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_keys_gives_zeros_in_the_reference_as_in_the_op(kernel, causal):
+    """Lk = 0 (causal: L = 0): the reference (the fallback without the extension) raised in amax over no keys
+    and, causal, divided by a zero chunk length; the native kernel returns zeros as for fully padded keys."""
+    q = torch.randn(1, 2, 0 if causal else 3, 8, dtype=f64, requires_grad=True)
+    k = torch.randn(1, 2, 0, 8, dtype=f64, requires_grad=True)
+    v = torch.randn(1, 2, 0, 4, dtype=f64, requires_grad=True)
+    W = orthogonal_features(16, 8, generator=0, dtype=f64)
+    ref = performer_attention_reference(q, k, v, W, kernel=kernel, causal=causal)
+    out = performer_attention(q, k, v, W, kernel=kernel, causal=causal)
+    assert ref.shape == out.shape == (1, 2, q.shape[2], 4)
+    assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(out, ref)
+    grads = torch.autograd.grad(ref.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
 def test_op_errors_are_clear():
     q, k, v = _qkv(L=6, S=7)
     W = orthogonal_features(8, 8, generator=0, dtype=f64)

@@ -132,7 +132,12 @@ def _feature_map(u: Tensor, W: Tensor, kernel: str, root_scale: float, *, is_que
     if bias is not None:
         logits = logits + bias
     with torch.no_grad():
-        stab = logits.amax(dim=-1, keepdim=True) if is_query else logits.amax(dim=(-2, -1), keepdim=True)
+        if is_query:
+            stab = logits.amax(dim=-1, keepdim=True)
+        elif logits.shape[-2]:
+            stab = logits.amax(dim=(-2, -1), keepdim=True)
+        else:  # no keys: amax of nothing raises; the output is 0, as for fully padded keys
+            stab = logits.new_zeros(*logits.shape[:-2], 1, 1)
         # All keys padded: the max is −inf; any finite stabilizer leaves φ = 0 there.
         stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
     return torch.exp(logits - stab) * inv_root_m, us
@@ -173,7 +178,7 @@ def causal_product(a: Tensor, b: Tensor, c: Tensor, chunk: Optional[int] = None)
     b_chunkᵀ c_chunk (p, r) across chunks. Memory O(L/C · p · r + L · C); no loop over tokens.
     """
     L = a.shape[-2]
-    C = min(chunk or CAUSAL_CHUNK, L)
+    C = max(1, min(chunk or CAUSAL_CHUNK, L))  # at least 1: an empty sequence has no chunks
     n = -(-L // C)
     pad = n * C - L
     if pad:
