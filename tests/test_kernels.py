@@ -71,6 +71,18 @@ def test_native_kernels_registered_and_reported():
     assert info["torch"] == torch.__version__
 
 
+def test_kernel_info_reads_tf32_set_through_the_new_api():
+    """torch refuses to read the legacy allow_tf32 once fp32_precision was set: kernel_info raised."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for precision, tf32 in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = precision
+            assert panther_fx.kernel_info()["tf32_matmul"] is tf32
+    finally:
+        matmul.fp32_precision = saved
+
+
 @needs_ext
 @pytest.mark.parametrize("method", ["lowrank", "sketched"])
 def test_native_kernel_runs(method):

@@ -83,6 +83,13 @@ def kernel_info() -> dict:
         "cuda_runtime": torch.version.cuda,
         "cuda_available": cuda,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_matmul": _tf32_matmul(),
         "ops": {name.split("::", 1)[1]: _native_kernels(name) for name in _panther_ops()},
     }
+
+
+def _tf32_matmul() -> bool:
+    """Whether fp32 CUDA matmuls may run in TF32. Once ``fp32_precision`` has been set, torch refuses to read
+    the legacy ``allow_tf32`` ("mix of the legacy and new APIs"), so the new setting is read where it is set."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else torch.backends.cuda.matmul.allow_tf32
