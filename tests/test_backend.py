@@ -255,6 +255,23 @@ def test_another_instance_of_the_class_uses_its_own_weights(use_inductor):
         assert rel(ca(x), a(x)) < 1e-5
 
 
+def test_a_graph_refactored_for_another_instance_does_not_leak_into_the_first_ones_recompile():
+    """The graph serving a and b is refactored in place for b; its factor buffers are the cache's entry for a's
+    weight, which still looked valid: a's recompile for a new batch size took b's factors (a silent 2.1 off)."""
+    torch._dynamo.reset()
+    a, b = nn.Sequential(nn.Linear(64, 64)).eval(), nn.Sequential(nn.Linear(64, 64)).eval()
+    ca, cb = (torch.compile(m, backend="panther", options={"policy": FULL_RANK, "use_inductor": False},
+                            dynamic=False) for m in (a, b))
+    x4, x6 = torch.randn(4, 64), torch.randn(6, 64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the refactoring warning, tested above
+        assert rel(ca(x4), a(x4)) < 1e-5
+        assert rel(cb(x4), b(x4)) < 1e-5  # a's graph, refactored for b
+        assert rel(ca(x6), a(x6)) < 1e-5  # a recompiles (static shapes): from a's factors
+        assert rel(ca(x4), a(x4)) < 1e-5  # back on the shared graph
+        assert rel(cb(x6), b(x6)) < 1e-5  # the batch-6 graph serves b: refactored in place again
+
+
 @pytest.mark.parametrize("change", ["data", "parameter", "assign", "reset", "dtype"])
 def test_swapped_weight_storage_is_refactored(change):
     """Weight changes that do not bump the version counter: a new storage, a new Parameter, a state dict

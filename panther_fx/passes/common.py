@@ -15,7 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..policy import Decision, Policy
 from ..report import LayerReport, Report
 
-__all__ = ["example_value", "module_path", "RewriteContext", "FactorCache", "StaleFactorGuard",
+__all__ = ["example_value", "module_path", "RewriteContext", "Factors", "FactorCache", "StaleFactorGuard",
            "TrainingRewriteError"]
 
 _ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
@@ -79,22 +79,36 @@ def _version(weight: torch.Tensor) -> int:
     return 0 if weight.is_inference() else weight._version
 
 
+class Factors(dict):
+    """A layer's factor tensors by name, and ``source``: the :func:`_state` of the weight whose factorization
+    they hold now. Compiled graphs share one ``Factors`` through the cache, and a guard that refactors it in
+    place for another weight updates ``source`` too, so every graph and the cache see whose factors they are."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        super().__init__(tensors)
+        self.source = _state(weight)
+
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether these are ``weight``'s factors (the per-call check: no state tuple is built)."""
+        return weight.data_ptr() == self.source[0] and _version(weight) == self.source[3]
+
+
 class FactorCache:
-    """Factorizations keyed by (weight tensor, settings), valid while the weight's storage, dtype, device and
-    ``_version`` are unchanged, so recompiles (dynamic shapes, train/eval flips) do not redo SVDs and a changed
-    weight is refactored."""
+    """Factorizations keyed by (weight tensor, settings), valid while they hold that weight's factors: its
+    storage, dtype, device and ``_version`` are unchanged and no guard has refactored them for another weight.
+    Recompiles (dynamic shapes, train/eval flips) do not redo SVDs and a changed weight is refactored."""
 
     def __init__(self) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def get(self, weight: torch.Tensor, key: tuple, compute: Callable[[torch.Tensor], Any]) -> Any:
+    def get(self, weight: torch.Tensor, key: tuple, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+            ) -> Factors:
         per_weight = self._entries.setdefault(weight, {})
         hit = per_weight.get(key)
-        if hit is not None and hit[0] == _state(weight):
-            return hit[1]
-        value = compute(weight)
-        per_weight[key] = (_state(weight), value)
-        return value
+        if hit is not None and hit.source == _state(weight):
+            return hit
+        per_weight[key] = Factors(compute(weight), weight)
+        return per_weight[key]
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
@@ -104,9 +118,8 @@ class FactorCache:
 class _Watched:
     path: str
     weight: torch.Tensor
-    state: tuple
     compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    buffers: dict[str, torch.Tensor]
+    factors: Factors  # the graph's buffers, shared with other graphs of the same weight through the cache
     input_index: Optional[int]  # the weight's position among the graph's inputs, when it is one
 
 
@@ -123,9 +136,8 @@ class StaleFactorGuard:
     def __init__(self) -> None:
         self._watched: list[_Watched] = []
 
-    def watch(self, path: str, weight: torch.Tensor, compute, buffers: dict[str, torch.Tensor],
-              input_index: Optional[int]) -> None:
-        self._watched.append(_Watched(path, weight, _state(weight), compute, buffers, input_index))
+    def watch(self, path: str, weight: torch.Tensor, compute, factors: Factors, input_index: Optional[int]) -> None:
+        self._watched.append(_Watched(path, weight, compute, factors, input_index))
 
     def __bool__(self) -> bool:
         return bool(self._watched)
@@ -137,13 +149,15 @@ class StaleFactorGuard:
             if w.input_index is not None and isinstance(inputs[w.input_index], torch.Tensor):
                 current = inputs[w.input_index]
             # The per-call fast path (every forward): same storage and version. Another tensor (another instance's
-            # weight, a swapped storage) and a dtype or device change all come with a new storage.
-            if current.data_ptr() == w.state[0] and _version(current) == w.state[3]:
+            # weight, a swapped storage) and a dtype or device change all come with a new storage. The source is
+            # the shared one: another graph may have refactored these buffers for its own weight meanwhile.
+            if w.factors.holds(current):
                 continue
             with torch.no_grad():
                 for name, value in w.compute(current).items():
-                    w.buffers[name].copy_(value)
-            w.weight, w.state = current, _state(current)
+                    w.factors[name].copy_(value)
+            w.factors.source = _state(current)
+            w.weight = current
             warnings.warn(f"panther: the weight of {w.path!r} is not the one its factors were computed from (it "
                           "changed after compilation, or the compiled graph runs another instance of the same "
                           "module class); they were recomputed. Training belongs in panther_fx.convert.",
@@ -197,7 +211,7 @@ class RewriteContext:
             self.gm._param_name_to_source[name] = ConstantSource(name)
         return self.gm.graph.get_attr(name)
 
-    def factor_nodes(self, path: str, weight: torch.Tensor, factors: dict[str, torch.Tensor],
+    def factor_nodes(self, path: str, weight: torch.Tensor, factors: Factors,
                      compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, fx.Node]:
         """``get_attr`` nodes for a layer's factors, created at the current insertion point on first use.
 
