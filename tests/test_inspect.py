@@ -28,8 +28,8 @@ def test_inspect_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
     for argv, message in [
         (["inspect", "toy_model:nope", "--policy", "bad.toml"], "rule 1: rank = 0"),
-        (["inspect", "toy_model:nope", "--policy", "missing.toml"], "cannot read policy file 'missing.toml'"),
-        (["inspect", "no_such_module:make", "--policy", "missing.toml"], "cannot read policy file"),
+        (["inspect", "toy_model:nope", "--policy", "missing.toml"], "no policy file 'missing.toml' (shipped policies: "),
+        (["inspect", "no_such_module:make", "--policy", "missing.toml"], "no policy file"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
