@@ -324,6 +324,43 @@ def test_functional_linear_on_another_modules_parameter_stays_dense():
     assert rel(out, factored_body) < 1e-5
 
 
+def test_tied_head_stays_dense_when_the_model_is_a_global_of_the_compiled_function():
+    """The source is G['MODEL']._modules['embed']... there: the owner check matched L[...] roots only, and the
+    tied head was factorized (rel. error 0.7)."""
+    global _GLOBAL_MODEL
+    _GLOBAL_MODEL = model = TiedHead().eval().requires_grad_(False)
+    ids = torch.randint(0, 100, (2, 5))
+    try:
+        step = torch.compile(lambda i: _GLOBAL_MODEL(i), backend="panther",
+                             options={"policy": {"defaults": {"method": "svd", "rank": 8}}})
+        out = step(ids)
+    finally:
+        del _GLOBAL_MODEL
+    rows = {r.path: r for r in last_report()}
+    assert rows["body"].status == "rewritten" and "parameter of 'embed'" in rows[""].reason
+    assert rel(out, truncated(model, ["body"], 8)(ids)) < 1e-5
+
+
+class WeightFromInput(nn.Module):
+    def forward(self, x, w):
+        return nn.functional.linear(x, w)
+
+
+def test_a_weight_passed_as_an_argument_stays_dense():
+    """An activation is not a layer weight: it was factorized at the policy's rank (error 19), refactored on
+    every call, and with grad on refused as training (a hypernetwork's output)."""
+    compiled = torch.compile(WeightFromInput(), backend="panther", fullgraph=True,
+                             options={"policy": {"defaults": {"method": "svd", "rank": 0.25}}})
+    x, w = torch.randn(4, 64), torch.randn(64, 64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no refactoring warning
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x, w), nn.functional.linear(x, w))
+    assert "input of the compiled function" in last_report()[0].reason
+    compiled(x, w).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(64, -1))
+
+
 def test_model_built_under_inference_mode():
     """Its parameters are inference tensors, which have no version counter."""
     with torch.inference_mode():

@@ -383,6 +383,35 @@ def test_padding_mode_and_transposed_convs():
     torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-4)
 
 
+def test_functional_conv_on_another_modules_kernel_stays_dense():
+    """A rule keeping 'conv' dense must protect its kernel where the parent calls F.conv2d on it too (the
+    defaults factorized that call: error 1.3); the linear pass already refused the same for F.linear."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):  # one kernel at two scales
+            return self.conv(x) + F.conv2d(x, self.conv.weight, self.conv.bias, stride=2, padding=1).mean()
+
+    model = Net().eval().requires_grad_(False)
+    x = torch.randn(1, 16, 8, 8)
+    policy = {"defaults": {"method": "svd", "rank": 0.25}, "rule": [{"match": "conv", "method": "dense"}]}
+    y = _compile(model, policy, use_inductor=False)(x)
+    torch.testing.assert_close(y, model(x))
+    rows = {r.path: r for r in last_report()}
+    assert rows[""].status == "dense" and "F.conv2d on the parameter of 'conv'" in rows[""].reason
+
+
+def test_one_element_stride_padding_and_dilation_are_pairs():
+    """nn.Conv2d accepts stride=(2,), padding=(1,): the pass crashed the compile on them, even with no policy."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride=(2,), padding=(1,), dilation=(1,))).eval().requires_grad_(False)
+    x = torch.randn(2, 8, 9, 9)
+    y = _compile(model, FULL_RANK, use_inductor=False)(x)
+    assert last_report()[0].status == "rewritten"
+    torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-4)
+
+
 def test_grouped_sketch_above_break_even_stays_dense_with_reason():
     model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=4)).eval().requires_grad_(False)
     policy = {"defaults": {"method": "sketch", "num_terms": 1, "low_rank": 4}}

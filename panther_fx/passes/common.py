@@ -41,19 +41,42 @@ def module_path(node: fx.Node) -> str:
     return _INDEX.sub(r".\1", _ROOT.sub("", path))
 
 
-_PARAMETER_SOURCE = re.compile(r"^L\['[^']+'\]((?:\._modules\['[^']+'\])*)\._parameters\['[^']+'\]$")
+# The root is the compiled module (L['self'], L['fn']), a closure's (L['m']) or a global (G['model']).
+_STATE_SOURCE = re.compile(r"^[LG]\['[^']+'\]((?:\._modules\['[^']+'\])*)\._(?:parameters|buffers)\['[^']+'\]$")
 
 
 def parameter_owner(node: Any) -> str | None:
-    """Dotted path of the module that owns the parameter behind a placeholder (``L['self']._modules['embed']
-    ._parameters['weight']`` -> ``embed``), or None when the placeholder is not a module's parameter."""
+    """Dotted path of the module that owns the parameter or buffer behind a placeholder (``L['self']._modules
+    ['embed']._parameters['weight']`` -> ``embed``, ``''`` for the root), or None when the placeholder is not
+    module state (an argument of the compiled function, a plain tensor attribute)."""
     grapharg = node.meta.get("grapharg") if isinstance(node, fx.Node) and node.op == "placeholder" else None
     source = getattr(grapharg, "source", None)
     name = getattr(source, "name", None)
-    match = _PARAMETER_SOURCE.match(name() if callable(name) else str(name)) if source is not None else None
+    match = _STATE_SOURCE.match(name() if callable(name) else str(name)) if source is not None else None
     if match is None:
         return None
     return ".".join(re.findall(r"\['([^']+)'\]", match.group(1)))
+
+
+def foreign_weight(node: fx.Node, weight_node: Any, path: str, layer: type, call: str) -> str | None:
+    """Why the weight of ``node`` (a ``call`` such as ``F.linear`` at ``path``) is not the own weight of a
+    ``layer`` module and must stay dense, or None.
+
+    Factors are baked from a layer's weight: an argument of the compiled function changes from call to call
+    (a refactorization per call, and a training error for a hypernetwork's output), and another module's
+    parameter (a tied output head) cannot be protected by a rule on that module's path.
+    """
+    if not (isinstance(weight_node, fx.Node) and weight_node.op == "placeholder"):
+        return None
+    owner = parameter_owner(weight_node)
+    if owner is None:
+        return (f"{call} on an input of the compiled function, not a module's parameter or buffer: only "
+                f"nn.{layer.__name__} layers are rewritten")
+    caller = calling_module_type(node)
+    if owner != path and not (caller and issubclass(caller, layer)):
+        return (f"{call} on the parameter of {owner or '<root>'!r}, not of an nn.{layer.__name__} layer: only "
+                f"nn.{layer.__name__} layers are rewritten")
+    return None
 
 
 def calling_module_type(node: fx.Node) -> type | None:

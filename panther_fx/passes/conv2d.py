@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,7 +24,7 @@ from ..linalg.conv import (conv_sketch_factors, conv_svd_factors, conv_weight_fr
 from ..ops.conv2d import conv_padding
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, example_value, module_path
+from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path
 from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["CONV2D_TARGETS", "ConvPlan", "conv2d_factored_params", "factorize_conv2d", "plan_conv2d",
@@ -128,8 +128,16 @@ def _geometry(args: list[Any], weight: torch.Tensor) -> tuple[list[int], list[in
     example = x.meta.get("example_value") if isinstance(x, fx.Node) else None
     if example is None or example.dim() != 4:
         return "input is not a batched (N, C, H, W) tensor"
-    stride, dilation = [list(v) if not isinstance(v, int) else [v, v] for v in (stride, dilation)]
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = padding if isinstance(padding, str) else _pair(padding)
     return stride, conv_padding(padding, tuple(weight.shape[2:]), stride, dilation), dilation, int(groups)
+
+
+def _pair(value: int | Sequence[int]) -> list[int]:
+    """[h, w] from an int or a 1- or 2-element sequence: nn.Conv2d(stride=(2,)) is valid and means (2, 2)."""
+    if isinstance(value, int):
+        return [value, value]
+    return list(value) * 2 if len(value) == 1 else list(value)
 
 
 def _report_transposed(ctx: RewriteContext, node: fx.Node) -> None:
@@ -174,6 +182,10 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
         if weight is None or weight.dim() != 4:
             ctx.report.append(LayerReport(path, "conv2d", "dense", (), "dense",
                                           reason="kernel is computed in the graph, not a parameter"))
+            continue
+        foreign = foreign_weight(node, args[1], path, torch.nn.Conv2d, "F.conv2d")
+        if foreign is not None:
+            ctx.report.append(LayerReport(path, "conv2d", "dense", tuple(weight.shape), "dense", reason=foreign))
             continue
         geometry = _geometry(args, weight)
         if isinstance(geometry, str):

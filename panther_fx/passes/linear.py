@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..linalg import asvd_factors, layer_generator, sketch_factors, sketch_weight, svd_factors, whitening
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, calling_module_type, example_value, module_path, parameter_owner
+from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path
 from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "relative_error", "rewrite_linear"]
@@ -165,14 +165,11 @@ def rewrite_linear(ctx: RewriteContext) -> None:
             ctx.report.append(LayerReport(path, "linear", "dense", (), "dense",
                                           reason="weight is computed in the graph, not a parameter"))
             continue
-        owner = parameter_owner(w)
-        caller = calling_module_type(node)
-        if owner is not None and owner != path and not (caller and issubclass(caller, torch.nn.Linear)):
-            # e.g. a tied output head F.linear(h, self.embed.weight): inspect and convert, which see nn.Linear
-            # modules, leave it alone, and a rule on the owner could not protect it.
-            ctx.report.append(LayerReport(path, "linear", "dense", tuple(weight.shape), "dense",
-                                          reason=f"F.linear on the parameter of {owner or '<root>'!r}, not of an "
-                                                 "nn.Linear layer: only nn.Linear layers are rewritten"))
+        # e.g. a tied output head F.linear(h, self.embed.weight): inspect and convert, which see nn.Linear modules,
+        # leave it alone, and a rule on the owner could not protect it
+        foreign = foreign_weight(node, w, path, torch.nn.Linear, "F.linear")
+        if foreign is not None:
+            ctx.report.append(LayerReport(path, "linear", "dense", tuple(weight.shape), "dense", reason=foreign))
             continue
         plan = plan_linear(path, weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
         if plan.factors is not None and plan.decision.min_speedup is not None:
