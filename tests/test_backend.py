@@ -301,6 +301,28 @@ def test_swapped_weight_storage_is_refactored(change):
         assert rel(compiled(x), model(x)) < 1e-5
 
 
+def test_factors_are_computed_in_full_precision_under_autocast():
+    """The passes run in the caller's context: under autocast the factorization's and the error's matmuls ran
+    in bf16 (full-rank svd reported 2.8e-3) and the cached factors then served a later fp32 compile."""
+    from panther_fx.backend import _FACTOR_CACHE
+
+    x = torch.randn(4, 256)
+    for policy in ({"defaults": {"method": "svd", "rank": 0.999, "force": True}},
+                   {"defaults": {"method": "sketch", "num_terms": 1, "low_rank": 32}}):
+        model = nn.Sequential(nn.Linear(256, 256)).eval().requires_grad_(False)
+        options = {"policy": policy, "use_inductor": False}
+        _FACTOR_CACHE.clear()
+        clean = torch.compile(model, backend="panther", options=options)(x)
+        clean_error = last_report()[0].rel_error
+        _FACTOR_CACHE.clear()
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.compile(model, backend="panther", options=options)(x)
+        assert last_report()[0].rel_error == pytest.approx(clean_error, rel=1e-4)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, backend="panther", options=options)(x), clean)
+
+
 class TiedHead(nn.Module):
     """An output head tied to the input embedding, written as F.linear on the embedding's weight."""
 

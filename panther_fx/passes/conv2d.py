@@ -24,7 +24,7 @@ from ..linalg.conv import (conv_sketch_factors, conv_svd_factors, conv_weight_fr
 from ..ops.conv2d import conv_padding
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path
+from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path, without_autocast
 from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["CONV2D_TARGETS", "ConvPlan", "conv2d_factored_params", "factorize_conv2d", "plan_conv2d",
@@ -105,8 +105,9 @@ def plan_conv2d(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
                   f"parameters ({decision.origin})")
         return _dense_plan(replace(decision, method="dense", reason=reason), tuple(weight.shape), groups)
     K = weight.detach().float()
-    rel_error = (torch.linalg.vector_norm(K - _kernel_from_factors(factors, groups))
-                 / torch.linalg.vector_norm(K)).item()
+    with without_autocast(weight):
+        rel_error = (torch.linalg.vector_norm(K - _kernel_from_factors(factors, groups))
+                     / torch.linalg.vector_norm(K)).item()
     row = LayerReport(path, "conv2d", decision.method, tuple(weight.shape), "rewritten",
                       rank=_rank_of(factors), params_before=dense, params_after=after,
                       flop_ratio=after / dense, rel_error=rel_error)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..linalg import asvd_factors, layer_generator, sketch_factors, sketch_weight, svd_factors, whitening
 from ..policy import Decision, Policy, factored_params
 from ..report import LayerReport
-from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path
+from .common import FactorCache, RewriteContext, example_value, foreign_weight, module_path, without_autocast
 from .speed import NOT_MEASURED, check_speed_on
 
 __all__ = ["LINEAR_TARGETS", "LinearPlan", "factorize_linear", "plan_linear", "relative_error", "rewrite_linear"]
@@ -129,9 +129,10 @@ def plan_linear(path: str, weight: torch.Tensor, policy: Policy, cache: FactorCa
     after = factored_params(decision.method, I, O, rank=decision.rank, num_terms=decision.num_terms,
                             low_rank=decision.low_rank)
     rank = decision.rank if decision.method != "sketch" else 2 * decision.num_terms * decision.low_rank
+    with without_autocast(weight):
+        rel_error = relative_error(weight, factors, gram, decision.damping)
     row = LayerReport(path, "linear", decision.method, (O, I), "rewritten", rank=rank, params_before=O * I,
-                      params_after=after, flop_ratio=after / (O * I),
-                      rel_error=relative_error(weight, factors, gram, decision.damping))
+                      params_after=after, flop_ratio=after / (O * I), rel_error=rel_error)
     return LinearPlan(decision, factors, row, compute)
 
 
