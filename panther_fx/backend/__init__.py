@@ -31,7 +31,7 @@ from ..passes import FactorCache, StaleFactorGuard, rewrite_graph
 from ..policy import load_policy
 from ..report import Report
 
-__all__ = ["panther_backend", "last_report", "BackendOptionError"]
+__all__ = ["panther_backend", "last_report", "clear_factor_cache", "BackendOptionError"]
 
 _OWN_OPTIONS = ("policy", "mode", "verbose", "allow_training", "calibration", "use_inductor", "inductor")
 _FACTOR_CACHE = FactorCache()
@@ -63,6 +63,13 @@ class BackendOptionError(ValueError):
 def last_report() -> Report:
     """The per-layer report of the most recent ``torch.compile`` call: the rows of all its graphs so far."""
     return _SESSION["current"].report
+
+
+def clear_factor_cache() -> None:
+    """Forget every cached factorization, so the next compile factorizes the weights afresh: needed after an
+    in-place update the cache cannot see (of inference tensors, or through ``weight.data``); call
+    ``torch._dynamo.reset()`` too, so that the next call compiles."""
+    _FACTOR_CACHE.clear()
 
 
 def _split_options(options: dict[str, Any] | None, mode: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
