@@ -323,6 +323,30 @@ def test_factors_are_computed_in_full_precision_under_autocast():
         assert torch.equal(torch.compile(model, backend="panther", options=options)(x), clean)
 
 
+def test_layers_seen_but_not_rewritable_count_in_the_report_and_use_their_rule():
+    """A weight-normed Linear (its weight is computed) and a conv on an unbatched image stay dense: their rows
+    counted 0 parameters, and the rules naming them were warned as matching no layer."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = weight_norm(nn.Linear(64, 64)), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x, img):
+            return self.fc(x), self.conv(img)
+
+    policy = {"rule": [{"match": "fc", "method": "svd", "rank": 8}, {"match": "conv", "method": "svd", "rank": 2}]}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*matched no layer")
+        torch.compile(Net().eval(), backend="panther", options={"policy": policy})(torch.randn(2, 64),
+                                                                                  torch.randn(8, 6, 6))
+    rows = {r.path: r for r in last_report()}
+    assert rows["fc"].status == rows["conv"].status == "dense" and "computed in the graph" in rows["fc"].reason
+    assert (rows["fc"].params_before, rows["conv"].params_before) == (64 * 64, 8 * 8 * 9)
+    assert last_report().params() == (64 * 64 + 8 * 8 * 9,) * 2
+
+
 class TiedHead(nn.Module):
     """An output head tied to the input embedding, written as F.linear on the embedding's weight."""
 

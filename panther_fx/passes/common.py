@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -278,3 +278,15 @@ class RewriteContext:
     def record(self, decision: Decision, entry: LayerReport) -> None:
         self.decisions.append(decision)
         self.report.append(entry)
+
+    def keep_dense(self, path: str, op: str, weight: torch.Tensor | None, reason: str) -> None:
+        """A layer the pass sees but cannot rewrite: a dense row with ``reason``, its weight counted in the
+        totals, and the rule that selects it counted as used (it did match a layer)."""
+        if weight is None:  # nothing to count or to decide on
+            self.report.append(LayerReport(path, op, "dense", (), "dense", reason=reason))
+            return
+        shape, size = tuple(weight.shape), weight.numel()
+        decision = self.policy.decide(path, op, in_features=size // max(shape[0], 1), out_features=shape[0])
+        self.record(replace(decision, method="dense", reason=reason),
+                    LayerReport(path, op, "dense", shape, "dense", reason=reason, params_before=size,
+                                params_after=size))

@@ -143,10 +143,7 @@ def _pair(value: int | Sequence[int]) -> list[int]:
 
 def _report_transposed(ctx: RewriteContext, node: fx.Node) -> None:
     weight = ctx.real_value(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
-    shape, size = (tuple(weight.shape), weight.numel()) if weight is not None else ((), 0)
-    ctx.report.append(LayerReport(module_path(node), "conv2d", "dense", shape, "dense",
-                                  reason="transposed convolution: not factorized", params_before=size,
-                                  params_after=size))
+    ctx.keep_dense(module_path(node), "conv2d", weight, "transposed convolution: not factorized")
 
 
 def _speed_checked(plan: ConvPlan, args: list[Any], weight: torch.Tensor, bias: torch.Tensor | None,
@@ -181,8 +178,9 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
         args = _conv_args(node)
         weight = ctx.real_value(args[1])
         if weight is None or weight.dim() != 4:
-            ctx.report.append(LayerReport(path, "conv2d", "dense", (), "dense",
-                                          reason="kernel is computed in the graph, not a parameter"))
+            computed = example_value(args[1])
+            ctx.keep_dense(path, "conv2d", computed if computed is not None and computed.dim() == 4 else None,
+                           "kernel is computed in the graph, not a parameter")
             continue
         foreign = foreign_weight(node, args[1], path, torch.nn.Conv2d, "F.conv2d")
         if foreign is not None:
@@ -190,7 +188,7 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
             continue
         geometry = _geometry(args, weight)
         if isinstance(geometry, str):
-            ctx.report.append(LayerReport(path, "conv2d", "dense", tuple(weight.shape), "dense", reason=geometry))
+            ctx.keep_dense(path, "conv2d", weight, geometry)
             continue
         stride, padding, dilation, groups = geometry
         plan = plan_conv2d(path, weight, ctx.policy, ctx.cache, groups=groups)

@@ -162,9 +162,10 @@ def rewrite_linear(ctx: RewriteContext) -> None:
         path = module_path(node)
         x, w, b = _linear_args(node)
         weight = ctx.real_value(w)
-        if weight is None or weight.dim() != 2:
-            ctx.report.append(LayerReport(path, "linear", "dense", (), "dense",
-                                          reason="weight is computed in the graph, not a parameter"))
+        if weight is None or weight.dim() != 2:  # e.g. weight_norm's g·v/‖v‖
+            computed = example_value(w)
+            ctx.keep_dense(path, "linear", computed if computed is not None and computed.dim() == 2 else None,
+                           "weight is computed in the graph, not a parameter")
             continue
         # e.g. a tied output head F.linear(h, self.embed.weight): inspect and convert, which see nn.Linear modules,
         # leave it alone, and a rule on the owner could not protect it
