@@ -61,7 +61,12 @@ def test_convert_swaps_selected_layers_and_keeps_shared_modules_shared():
     assert [r.path for r in report] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
     assert [r.status for r in report] == ["rewritten"] * 4 + ["dense"]
     assert "min_features" in report[-1].reason
-    assert model.panther_policy == panther_fx.Policy.load(MIXED)
+    # what save stores: the rewritten layers at their exact paths with resolved settings, the rest dense
+    stored = model.panther_policy
+    assert stored.defaults == {"method": "dense"}
+    assert [(r.match, r.op, r.settings["method"], r.settings.get("rank")) for r in stored.rules] == [
+        ("blocks.0.up", "linear", "sketch", None), ("blocks.0.down", "linear", "svd", 8),
+        ("blocks.1.up", "linear", "svd", 8), ("blocks.1.down", "linear", "svd", 8)]
 
 
 def test_a_layer_named_twice_under_one_parent_is_converted_at_both_names():
@@ -201,7 +206,7 @@ def test_save_and_load_with_the_stored_policy(tmp_path):
         model.blocks[0].up.S1s.mul_(2)
     path = tmp_path / "net.safetensors"
     panther_fx.save(model, path)
-    assert read_policy(path) == panther_fx.Policy.load(MIXED)
+    assert read_policy(path) == model.panther_policy
     loaded = panther_fx.load(path, make_net)
     x = torch.randn(4, 32)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -210,6 +215,39 @@ def test_save_and_load_with_the_stored_policy(tmp_path):
         panther_fx.load(path, lambda: nn.Sequential(nn.Linear(32, 32)))
     with pytest.raises(ValueError, match="no policy"):
         panther_fx.save(make_net(), tmp_path / "plain.safetensors")
+
+
+def test_a_model_converted_twice_saves_and_loads(tmp_path):
+    """save stored only the second convert's policy: load then failed on the first one's factors."""
+    model = make_net()
+    panther_fx.convert(model, {"defaults": {"method": "dense"}, "rule": [{"match": "blocks.0.*", "method": "svd",
+                                                                          "rank": 8}]})
+    panther_fx.convert(model, {"defaults": {"method": "dense"}, "rule": [{"match": "blocks.1.up", "method": "sketch",
+                                                                          "num_terms": 2, "low_rank": 2}]})
+    path = tmp_path / "twice.safetensors"
+    panther_fx.save(model, path)
+    loaded = panther_fx.load(path, make_net)
+    assert [type(m).__name__ for m in (loaded.blocks[0].up, loaded.blocks[0].down, loaded.blocks[1].up,
+                                        loaded.blocks[1].down)] == ["LowRankLinear", "LowRankLinear", "SKLinear",
+                                                                    "Linear"]
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_an_asvd_model_loads_without_calibration(tmp_path):
+    """The stored policy said asvd, so load needed the calibration again, and without it blamed the
+    architecture; the layers are stored resolved (svd of the same rank), which the saved factors replace."""
+    from panther_fx.calibration import calibrate
+
+    model = make_net()
+    policy = {"defaults": {"method": "asvd", "rank": 8, "min_features": 16}}
+    grams = calibrate(model, [torch.randn(64, 32, generator=torch.Generator().manual_seed(0))], policy=policy)
+    panther_fx.convert(model, policy, calibration=grams)
+    path = tmp_path / "asvd.safetensors"
+    panther_fx.save(model, path)
+    loaded = panther_fx.load(path, make_net)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_load_of_a_file_that_is_not_safetensors_names_it(tmp_path):

@@ -9,9 +9,10 @@ exact module type to a converter function, so other layer kinds are added with o
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, overload
+from typing import Any, Callable, Literal, Sequence, overload
 
 import torch
 from torch import nn
@@ -25,10 +26,12 @@ from ..passes import FactorCache, plan_conv2d, plan_linear
 from ..policy import Decision, Policy, PolicyError, load_policy
 from ..report import LayerReport, Report
 
-__all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "convert", "convertible_layers"]
+__all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "applied_policy", "convert",
+           "convertible_layers"]
 
 POLICY_ATTR = "panther_policy"
-"""Attribute of the root module where :func:`convert` leaves the policy it applied (read by ``save``)."""
+"""Attribute of the root module where :func:`convert` leaves the layers it rewrote, as the policy that
+rebuilds them (:func:`applied_policy`; read by ``save``)."""
 
 
 class ConversionError(PolicyError):
@@ -348,8 +351,9 @@ def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
     option); ``calibration``: the per-layer input Gram matrices for ``asvd`` that
     :func:`panther_fx.calibration.calibrate` returns, as for the backend.
     Returns the per-layer :class:`~panther_fx.Report`; with ``inplace=False`` the model is deep-copied first
-    and ``(converted_copy, report)`` is returned, the original left untouched. The policy is remembered on the
-    root module (``model.panther_policy``) for :func:`panther_fx.save`.
+    and ``(converted_copy, report)`` is returned, the original left untouched. The layers rewritten so far, by
+    this and earlier calls, are remembered on the root module as the policy that rebuilds them
+    (``model.panther_policy``, see :func:`applied_policy`) for :func:`panther_fx.save`.
 
     Raises :class:`ConversionError` (a ``PolicyError``) when a rule names a module it cannot convert.
     """
@@ -366,5 +370,34 @@ def convert(model: nn.Module, policy: Any, *, calibration: Any = None,
     _warn_uncalibrated(ctx)
     if policy.rules:
         policy.warn_unused(decisions)
-    setattr(target, POLICY_ATTR, policy)
+    setattr(target, POLICY_ATTR, applied_policy(getattr(target, POLICY_ATTR, None), decisions))
     return report if inplace else (target, report)
+
+
+def applied_policy(previous: Policy | None, decisions: Sequence[Decision]) -> Policy:
+    """The layers :func:`convert` has rewritten, as a policy that rebuilds exactly them from the dense model:
+    ``previous`` (an earlier convert's) plus one exact-path rule per rewritten layer with its resolved
+    settings (integer rank, ``force``), every other layer dense.
+
+    :func:`~panther_fx.save` stores it, so :func:`~panther_fx.load` needs neither the user's policies (after
+    two converts the model carried only the last) nor defaults that may change, nor calibration: an asvd
+    layer is rebuilt as svd of the same rank, whose factors the saved ones then replace.
+    """
+    rules = list(previous.to_dict()["rule"]) if previous is not None else []
+    for d in decisions:
+        if d.rewrites:
+            rules.append({"match": _exact_pattern(d.path), "op": d.op, **_resolved_settings(d)})
+    return Policy.from_dict({"defaults": {"method": "dense"}, "rule": rules}, source="<converted layers>")
+
+
+def _exact_pattern(path: str) -> str:
+    return f"re:{re.escape(path)}" if any(c in path for c in "*?") else path
+
+
+def _resolved_settings(d: Decision) -> dict[str, Any]:
+    if d.method == "performer":
+        return {"method": "performer", "features": d.features, "kernel": d.kernel, "seed": d.seed}
+    fixed = {"force": True, "min_features": 0}  # rebuilt whatever the break-even or size rules say
+    if d.method == "sketch":
+        return {"method": "sketch", "num_terms": d.num_terms, "low_rank": d.low_rank, "seed": d.seed, **fixed}
+    return {"method": "svd", "rank": d.rank, **fixed}

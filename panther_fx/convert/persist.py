@@ -1,8 +1,9 @@
 """Saving and loading converted models: safetensors for the tensors, the policy as TOML in its metadata.
 
-No pickle anywhere: a saved file is tensors plus text. Loading rebuilds the architecture from user code
-(``model_factory``), converts it with the stored policy and loads every tensor strictly, so the learned
-factors overwrite the fresh factorization.
+No pickle anywhere: a saved file is tensors plus text. The stored policy is the one :func:`convert` left on
+the model: one exact-path rule per rewritten layer with its resolved settings. Loading rebuilds the
+architecture from user code (``model_factory``), converts it with the stored policy and loads every tensor
+strictly, so the learned factors overwrite the fresh factorization.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ _POLICY_KEY = "panther_fx.policy"
 
 def save(model: nn.Module, path: str | os.PathLike, *, policy: Any = None) -> None:
     """Write ``model``'s state (parameters and persistent buffers) to a safetensors file at ``path``, with the
-    policy it was converted with (``policy``, else the one :func:`convert` recorded on ``model``) stored as
-    TOML text in the file's metadata. Tied tensors are stored once."""
+    policy that rebuilds its structure stored as TOML text in the file's metadata: ``policy``, else the layers
+    :func:`convert` rewrote (``model.panther_policy``, every call's). Tied tensors are stored once."""
     from safetensors.torch import save_model
 
     chosen = policy if policy is not None else getattr(model, POLICY_ATTR, None)
@@ -56,8 +57,9 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module], *, cal
     """Rebuild a model saved by :func:`save`: ``model_factory()`` (the dense architecture), :func:`convert`
     with the stored policy, then a strict load of every saved tensor (factors included) over it.
 
-    ``calibration`` (from :func:`panther_fx.calibration.calibrate`) is only needed when the stored policy
-    uses ``asvd``: the structure must be rebuilt; the loaded factors then replace the calibrated ones.
+    ``calibration`` (from :func:`panther_fx.calibration.calibrate`) is only needed for a file whose stored
+    policy uses ``asvd``, which files written since convert stores resolved layers no longer do (an asvd layer
+    is stored as svd of its rank: the loaded factors replace the fresh ones either way).
     """
     from safetensors.torch import load_model
 
