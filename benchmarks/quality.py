@@ -40,6 +40,8 @@ def policy_for(method: str, rank: int, first_dense: bool, *, damping: float | No
     parameter count as rank); the pooler stays dense (mean pooling does not use it)."""
     settings = {"method": method, "rank": rank} if method != "sketch" else {"method": "sketch", "num_terms": 1,
                                                                               "low_rank": rank // 2}
+    if method == "asvd" and damping is not None:
+        settings["damping"] = damping
     rules = [{"match": "encoder.layer.0.**", "method": "dense"}] if first_dense else []
     rules.append({"match": "encoder.**", **settings})
     return Policy.load({"defaults": {"method": "dense", "min_features": 0}, "rule": rules})
@@ -81,12 +83,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         grams = calibration_grams(model, tokenizer, args.n_cal, args.max_length)
         print(f"calibration: {args.n_cal} pairs ({2 * args.n_cal} texts), {time.perf_counter() - t0:.0f} s", flush=True)
-        if args.damping is not None:
-            import panther_fx.linalg.lowrank as lowrank
-            lowrank.ASVD_DAMPING = args.damping
     configs = args.configs or [(m, r, fd) for m in args.methods for r in args.ranks for fd in args.first_dense]
     for method, rank, first_dense in tqdm(configs, desc="configs"):
-        compressed, report = compress(model, policy_for(method, rank, first_dense), grams)
+        compressed, report = compress(model, policy_for(method, rank, first_dense, damping=args.damping), grams)
         before, after = report.params()
         res = task.evaluate(compressed, reference=dense.embeddings)
         row = {"method": method, "rank": rank, "first_dense": first_dense, "reduction": 1 - after / before,
