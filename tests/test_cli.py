@@ -52,6 +52,10 @@ def test_every_subcommand_has_help(capsys, name):
     (["tune", "torch.nn:Identity", "--eval", "math:pi", "--min-quality", "0", "--out", "x.toml"],
      "--eval math:pi is a float"),
     (["demo", "--n", "2", "--calibration", "5000"], "--calibration 5000: load_wiki_pairs: slice [5000:10000]"),
+    (["tune", "torch.nn:Identity", "--eval", "math:sqrt", "--min-quality", "0", "--out", "x.toml", "--trials", "0"],
+     "argument --trials: expected a positive integer, got 0"),
+    (["tune", "torch.nn:Identity", "--eval", "math:sqrt", "--min-quality", "0", "--out", "x.toml",
+      "--objective", "latency"], "--objective latency is measured by running the model: give --inputs"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code, out, err = run_main(capsys, *argv)

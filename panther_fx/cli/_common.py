@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import Any
 
 from torch import nn
 
-__all__ = ["CLIError", "load_object", "build_model"]
+__all__ = ["CLIError", "load_object", "build_model", "positive_int"]
 
 
 class CLIError(Exception):
@@ -44,3 +45,14 @@ def build_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CLIError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1, refused with the flag's name by argparse otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

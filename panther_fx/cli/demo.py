@@ -16,7 +16,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from ._common import CLIError
+from ._common import CLIError, positive_int
 from .policies import describe, resolve_policy
 
 DEFAULT_POLICY = "minilm-asvd"
@@ -26,29 +26,20 @@ CALIBRATION_START = 5000  # calibration texts: a slice of the shuffled pairs dis
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="compress the real all-MiniLM-L6-v2 and evaluate it on Wikipedia retrieval",
                               description=__doc__)
-    p.add_argument("--n", type=_positive, default=300,
+    p.add_argument("--n", type=positive_int, default=300,
                    help="evaluation pairs (description, article), as in docs/quality.md; 2000 reproduces "
                         "DESIGN.md §6 (default 300)")
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"a shipped policy name (see 'panther-fx policies') or a TOML path (default {DEFAULT_POLICY})")
-    p.add_argument("--calibration", type=_positive, default=256,
+    p.add_argument("--calibration", type=positive_int, default=256,
                    help="calibration pairs for asvd layers, disjoint from the evaluation pairs (default 256)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
-    p.add_argument("--repeats", type=_positive, default=5, help="timed batches per model for the latency (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed batches per model for the latency (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _latency_ms(models: dict[str, object], batch: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:

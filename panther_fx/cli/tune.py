@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Mapping
 
 from ..tuner import OBJECTIVES, TuneError, tune
-from ._common import CLIError, build_model, load_object
+from ._common import CLIError, build_model, load_object, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                    help="'pkg.module:evaluate', evaluate(model) -> float, higher is better")
     p.add_argument("--min-quality", required=True, type=float, help="lowest acceptable evaluate(model)")
     p.add_argument("--objective", choices=OBJECTIVES, default="params", help="cost to minimize (default: params)")
-    p.add_argument("--trials", type=int, default=50, help="trials to run (added to a resumed study)")
+    p.add_argument("--trials", type=positive_int, default=50, help="trials to run (added to a resumed study)")
     p.add_argument("--out", required=True, help="policy TOML file to write")
     p.add_argument("--storage", help="Optuna RDB URL, e.g. sqlite:///study.db (resumable)")
     p.add_argument("--study-name", help="study name in --storage (default: derived from the factory)")
@@ -35,6 +35,8 @@ def _call_or_value(spec: str):
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.objective != "params" and not args.inputs:
+        raise CLIError(f"--objective {args.objective} is measured by running the model: give --inputs")
     model = build_model(args.factory)
     evaluate = load_object(args.evaluate)
     if not callable(evaluate):
