@@ -242,6 +242,11 @@ def test_sdpa_masks_causal_and_refusals():
         torch._dynamo.reset()
         _compile(SDPA(), use_inductor=False)(q, k, v, dropout_p=0.2)
         assert "dropout_p = 0.2" in _rows()[0].reason
+        # k/v broadcast over heads (one shared head): rewritten before, then refused by the op at run time
+        torch._dynamo.reset()
+        out = _compile(SDPA(), use_inductor=False)(q, k[:, :1], v[:, :1])
+        assert "broadcast against the query's (2, 2)" in _rows()[0].reason
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k[:, :1], v[:, :1]))
 
 
 class LengthScaledSDPA(torch.nn.Module):

@@ -333,6 +333,9 @@ def _sdpa_refusal(args: dict[str, Any], q, k, v, prover: _MaskProver) -> Optiona
         return f"dropout_p = {args['dropout_p']} (training): attention dropout has no Performer equivalent"
     if q is None or k is None or v is None or not (q.dim() == k.dim() == v.dim() == 4):
         return "query/key/value are not (B, H, L, d) tensors"
+    if tuple(k.shape[:2]) != tuple(q.shape[:2]) or tuple(v.shape[:2]) != tuple(q.shape[:2]):
+        return (f"key/value (B, H) = {tuple(k.shape[:2])}/{tuple(v.shape[:2])} broadcast against the query's "
+                f"{tuple(q.shape[:2])} (e.g. one shared key/value head): the Performer op takes equal (B, H)")
     if not _static(q.shape[3]):
         return _symbolic_head_dim(q.shape[3])
     if not isinstance(args["is_causal"], bool):
