@@ -309,6 +309,16 @@ def test_batch_first_unbatched_and_functional_agree():
     torch.testing.assert_close(d, a)
 
 
+def test_an_nn_multihead_attention_state_dict_loads_strictly():
+    """The module docstring and docs promise it: the strict load missed the 'features' buffer."""
+    mha = torch.nn.MultiheadAttention(16, 2)
+    m = RandMultiheadAttention(16, 2, num_features=32, seed=0)
+    features = m.features.clone()
+    m.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(m.in_proj_weight, mha.in_proj_weight)
+    assert torch.equal(m.features, features)  # its own features are kept
+
+
 def test_separate_kdim_vdim_and_cross_attention():
     m = RandMultiheadAttention(16, 2, kdim=12, vdim=20, num_features=32, seed=0)
     assert m.in_proj_weight is None and m.k_proj_weight.shape == (16, 12)
@@ -325,6 +335,14 @@ def test_module_errors_and_redraw():
         m(x, x, x, attn_mask=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="add_bias_kv"):
         RandMultiheadAttention.from_dense(torch.nn.MultiheadAttention(16, 2, add_bias_kv=True))
+    # shape errors name the shapes, as nn.MultiheadAttention's do (a GEMM or reshape error before)
+    for args, message in (((torch.randn(4, 1, 8), x, x), "query has 8 features, expected 16"),
+                          ((x, x, torch.randn(3, 1, 16)), "key and value must have the same length"),
+                          ((x, torch.randn(4, 2, 16), torch.randn(4, 2, 16)), "the query's batch"),
+                          ((x.unsqueeze(0), x, x), "must all be 2-D"),
+                          ((x, x[:, 0], x[:, 0]), "must all be 2-D")):
+        with pytest.raises(ValueError, match=message):
+            m(*args)
     before = m.features.clone()
     m.redraw_features()
     assert not torch.equal(before, m.features)

@@ -116,8 +116,10 @@ class RandMultiheadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # States saved before feature_rng existed (and nn.MultiheadAttention's) keep this module's own stream.
+        # States saved before feature_rng existed keep this module's own stream; an nn.MultiheadAttention state
+        # has neither buffer, and keeps this module's features too.
         state_dict.setdefault(prefix + "feature_rng", self.feature_rng.clone())
+        state_dict.setdefault(prefix + "features", self.features.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -144,7 +146,7 @@ class RandMultiheadAttention(nn.Module):
                   dtype=weight.dtype, num_features=num_features, kernel=kernel, seed=seed)
         state = {k: v for k, v in mha.state_dict().items() if v is not None}
         missing, unexpected = new.load_state_dict(state, strict=False)
-        if unexpected or set(missing) != {"features"}:
+        if unexpected or missing:
             raise ValueError(f"RandMultiheadAttention.from_dense: state mismatch (missing {missing}, "
                              f"unexpected {unexpected})")
         return new.train(mha.training)
@@ -158,6 +160,7 @@ class RandMultiheadAttention(nn.Module):
         if attn_mask is not None and not is_causal:
             raise ValueError("RandMultiheadAttention: attn_mask cannot be linearized; pass key_padding_mask (N, S) "
                              "for padding or is_causal=True for a causal mask")
+        self._check_inputs(query, key, value)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -176,6 +179,22 @@ class RandMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(1), None
         return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        """The shape errors nn.MultiheadAttention gives, instead of a failing GEMM or reshape further in."""
+        shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        if query.dim() not in (2, 3) or not query.dim() == key.dim() == value.dim():
+            raise ValueError(f"RandMultiheadAttention: query, key and value must all be 2-D (unbatched) or all "
+                             f"3-D, got {shapes}")
+        for name, t, size in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != size:
+                raise ValueError(f"RandMultiheadAttention: {name} has {t.shape[-1]} features, expected {size} "
+                                 f"({shapes})")
+        batch = 0 if self.batch_first else 1
+        if key.shape[:-1] != value.shape[:-1] or (query.dim() == 3 and query.shape[batch] != key.shape[batch]):
+            layout = "(L, E)" if query.dim() == 2 else ("(N, L, E)" if self.batch_first else "(L, N, E)")
+            raise ValueError(f"RandMultiheadAttention: key and value must have the same length and batch as each "
+                             f"other and the query's batch, in the layout {layout}; got {shapes}")
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_features={self.num_features}, "
