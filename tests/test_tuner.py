@@ -3,6 +3,7 @@ minus the relative output error against the dense model on fixed inputs."""
 
 from __future__ import annotations
 
+import copy
 import sys
 import textwrap
 
@@ -273,6 +274,66 @@ def test_space_leaves_out_layers_convert_cannot_factorize():
     assert "shared with 'emb.weight'" in rows["head"].reason and "out_proj" in rows["layer.self_attn.out_proj"].reason
     _, convert_report = panther_fx.convert(model, policy, inplace=False)
     assert convert_report.params() == report.params()
+    # the written policy keeps them dense for the backend too, which would factorize the subclass's F.linear
+    # and the tied head under the bare group glob
+    assert [(r.match, r.settings["method"]) for r in policy.rules] == [
+        ("scaled", "dense"), ("head", "dense"), ("**", "svd")]
+    frozen = copy.deepcopy(model).requires_grad_(False)  # train mode: no TransformerEncoderLayer fast path
+    torch.compile(frozen, backend="panther", options={"policy": policy, "use_inductor": False})(
+        torch.randint(0, 64, (2, 5)))
+    compiled = {r.path: r.status for r in panther_fx.last_report() if r.op == "linear"}
+    assert compiled == {"scaled": "dense", "layer.linear1": "rewritten", "layer.linear2": "rewritten",
+                        "head": "dense"}
+
+
+def test_trials_swap_every_name_of_a_shared_layer():
+    """Sequential(lin, act, lin): the trial swapped the first name only, measured a half-dense model and
+    counted the dense weight as well as the factors (5184 params, more than dense), unlike convert."""
+    _quiet()
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(32, 64)
+    ref = model(x).detach()
+    evaluate = lambda m: -float((m(x) - ref).pow(2).mean())  # noqa: E731
+    result = tune(model, evaluate, example_inputs=None, min_quality=-1e9, space={"**": [8, "dense"]}, n_trials=2)
+    (row,) = [r for r in result.rows if r.choices["0"] == "svd:8"]
+    converted, _ = panther_fx.convert(model, result.policy_of(row), inplace=False)
+    with torch.no_grad():
+        assert row.quality == pytest.approx(evaluate(converted), rel=1e-6)
+    assert row.params == sum(p.numel() for p in converted.parameters()) == 8 * 128 + 64
+
+
+def test_a_layer_its_pattern_left_without_choices_stays_dense_under_a_later_glob():
+    """Layer 0 (16x16) has no rank 64: its unit was dropped, and the later group's '**' rule then factorized it."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64))
+    space = SearchSpace.build(model, {"0": [64, "dense"], "**": {"choices": [4, "dense"], "group": True}})
+    assert [u.layers for u in space.units] == [("2", "4")]
+    policy = space.policy({"**": "svd:4"})
+    decisions = {p: policy.decide(p, "linear", in_features=16, out_features=16).method for p in ("0", "2")}
+    assert decisions == {"0": "dense", "2": "svd"}
+
+
+def test_unit_patterns_match_only_their_layer():
+    """A ModuleDict key such as 'w?' is a glob: one unit's choice decided another unit's layer."""
+    model = nn.Sequential(nn.ModuleDict({"w?": nn.Linear(64, 64), "wq": nn.Linear(64, 64)}))
+    space = SearchSpace.build(model, {"**": [8, "dense"]})
+    policy = space.policy({"0.w?": "svd:8", "0.wq": "dense"})
+    _, report = panther_fx.convert(model, policy, inplace=False)
+    assert {r.path: r.method for r in report} == {"0.w?": "svd", "0.wq": "dense"}
+
+
+def test_a_nan_dense_quality_stops_at_once():
+    _quiet()
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        return float("nan")
+
+    with pytest.raises(TuneError, match=r"evaluate\(dense model\) returned NaN"):
+        tune(make_mlp(), evaluate, example_inputs=None, min_quality=0.0, n_trials=5)
+    assert len(calls) == 1  # every trial evaluated the dense model again before
 
 
 def test_tune_a_transformer_layer_and_convert_its_policy():
@@ -364,6 +425,11 @@ def test_resume_from_sqlite_continues_the_same_study(mlp, tmp_path):
     with pytest.raises(TuneError, match="another search space"):
         tune(mlp, evaluate, example_inputs=None, min_quality=-0.1, n_trials=1, storage=storage,
              study_name="mlp", space={"0": [8]})
+    # another model with the same layer names and choices: its shapes differ, so it is another space too
+    other = nn.Sequential(nn.Linear(128, 128), *list(mlp)[1:])
+    spaces = [SearchSpace.build(m, {"0": [8, "dense"]}) for m in (mlp, other)]
+    assert [[c.label for c in s.units[0].choices] for s in spaces] == [["svd:8", "dense"]] * 2
+    assert spaces[0].signature() != spaces[1].signature()
 
 
 def test_ctrl_c_leaves_a_valid_study_and_the_best_policy_so_far(mlp, tmp_path):

@@ -9,7 +9,6 @@ exact module type to a converter function, so other layer kinds are added with o
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence, overload
@@ -23,7 +22,7 @@ from ..nn.attention import RandMultiheadAttention
 from ..nn.conv import LowRankConv2d, SKConv2d
 from ..nn.linear import LowRankLinear, SKLinear
 from ..passes import FactorCache, plan_conv2d, plan_linear
-from ..policy import Decision, Policy, PolicyError, load_policy
+from ..policy import Decision, Policy, PolicyError, exact_pattern, load_policy
 from ..report import LayerReport, Report
 
 __all__ = ["CONVERTERS", "ConversionError", "ConvertContext", "Converted", "applied_policy", "convert",
@@ -386,12 +385,8 @@ def applied_policy(previous: Policy | None, decisions: Sequence[Decision]) -> Po
     rules = list(previous.to_dict()["rule"]) if previous is not None else []
     for d in decisions:
         if d.rewrites:
-            rules.append({"match": _exact_pattern(d.path), "op": d.op, **_resolved_settings(d)})
+            rules.append({"match": exact_pattern(d.path), "op": d.op, **_resolved_settings(d)})
     return Policy.from_dict({"defaults": {"method": "dense"}, "rule": rules}, source="<converted layers>")
-
-
-def _exact_pattern(path: str) -> str:
-    return f"re:{re.escape(path)}" if any(c in path for c in "*?") else path
 
 
 def _resolved_settings(d: Decision) -> dict[str, Any]:

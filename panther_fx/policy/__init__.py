@@ -1,6 +1,6 @@
 """Policies: load, validate and match rules that decide how each layer is sketched."""
 
-from .pattern import PatternError, compile_pattern
+from .pattern import PatternError, compile_pattern, exact_pattern
 from .policy import (
     METHODS_BY_OP,
     OPS,
@@ -14,5 +14,5 @@ from .policy import (
 
 __all__ = [
     "Decision", "METHODS_BY_OP", "OPS", "PatternError", "Policy", "PolicyError", "Rule",
-    "compile_pattern", "factored_params", "load_policy",
+    "compile_pattern", "exact_pattern", "factored_params", "load_policy",
 ]

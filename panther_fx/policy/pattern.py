@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["compile_pattern", "PatternError"]
+__all__ = ["compile_pattern", "exact_pattern", "PatternError"]
 
 
 class PatternError(ValueError):
@@ -75,3 +75,12 @@ def compile_pattern(pattern: str) -> _Matcher:
             raise PatternError(f"invalid regular expression {pattern[3:]!r}: {e}") from None
         return _Matcher(regex, dotted=False)
     return _Matcher(re.compile(_glob_regex(pattern)), dotted=True)
+
+
+def exact_pattern(path: str) -> str:
+    """A ``match`` string selecting exactly the module at ``path``: the path itself, or an escaped ``re:``
+    pattern when the path is empty or holds characters a glob or the ``re:`` prefix would read (``*``, ``?``,
+    a ``ModuleDict`` key such as ``"w?"``)."""
+    if not path or any(c in path for c in "*?") or path.startswith("re:"):
+        return "re:" + re.escape(path)
+    return path

@@ -66,9 +66,14 @@ def _factored(module: nn.Module, plan: LinearPlan | ConvPlan) -> nn.Module:
     return FactoredLinear(plan.decision.method, plan.factors, module.bias)
 
 
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, name = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), name
+def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) -> every (parent, name) that holds it: a layer may sit under several names."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), []).append((parent, name))
+    return places
 
 
 @contextlib.contextmanager
@@ -82,6 +87,7 @@ def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Re
     report = Report()
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     fused: list[tuple[nn.Module, str, object]] = []
+    places = _places(model)
     try:
         for path, module, op, why in convertible_layers(model):
             if why is not None:
@@ -95,9 +101,10 @@ def applied(model: nn.Module, policy: Policy, cache: FactorCache) -> Iterator[Re
                 continue
             if not path:
                 raise ValueError(f"the model itself is an {type(module).__name__}: wrap it in a module to tune it")
-            parent, name = _parent(model, path)
-            parent._modules[name] = _factored(module, plan)
-            swapped.append((parent, name, module))
+            factored = _factored(module, plan)
+            for parent, name in places[id(module)]:  # every name of a shared layer, as convert does
+                parent._modules[name] = factored
+                swapped.append((parent, name, module))
         fused = disable_fused_paths(model)
         yield report
     finally:

@@ -302,6 +302,10 @@ def _run_trial(study, space, work, evaluate, example_inputs, cache, assignment, 
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
+    if math.isnan(quality) and source == "dense":
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise TuneError("evaluate(dense model) returned NaN: every trial is compared with it, so the search "
+                        "cannot start; check evaluate on the unmodified model")
     if math.isnan(quality):
         warnings.warn(f"panther tune: trial {trial.number} evaluated to NaN; recorded as failed", RuntimeWarning)
         trial.set_user_attr("nan", True)  # an infeasible candidate, unlike a trial failed by Ctrl-C

@@ -34,7 +34,8 @@ from typing import Any
 from torch import nn
 
 from ..convert import convertible_layers
-from ..policy import Policy, PolicyError, compile_pattern
+from ..convert.convert import OUT_PROJ_WHY
+from ..policy import Policy, PolicyError, compile_pattern, exact_pattern
 from ..policy.pattern import PatternError
 
 __all__ = ["Choice", "SearchSpace", "SpaceError", "Unit", "auto_ranks"]
@@ -151,8 +152,11 @@ def _left_out(candidates, matches) -> str:
 class SearchSpace:
     """The units (search dimensions) of a model under a space spec; builds policies from assignments."""
 
-    def __init__(self, units: Sequence[Unit]):
+    def __init__(self, units: Sequence[Unit], dense: Sequence[tuple[str, str]] = ()):
         self.units = tuple(units)
+        # (path, op) of the layers dense in every trial although a unit's pattern may match them: those convert
+        # cannot factorize, and those whose pattern left them no choice but dense
+        self.dense = tuple(dense)
 
     @classmethod
     def build(cls, model: nn.Module, spec: Mapping[str, Any] | None = None) -> "SearchSpace":
@@ -190,7 +194,11 @@ class SearchSpace:
             units += cls._units(pattern, value, matched)
         if not units:
             raise SpaceError("no layer of the space has a choice other than 'dense' (all below break-even)")
-        return cls(units)
+        searched = {path for unit in units for path in unit.layers}
+        # MHA's out_proj needs no rule: neither convert nor the backend (which sees the MHA call) factorizes it
+        dense = [(path, op) for path, _, op, why in candidates
+                 if why != OUT_PROJ_WHY and (why is not None or path not in searched)]
+        return cls(units, dense)
 
     @staticmethod
     def _units(pattern: str, value: Any, layers: list[tuple[str, tuple[int, int], str]]) -> list[Unit]:
@@ -225,7 +233,7 @@ class SearchSpace:
                 continue
             paths = tuple(p for p, _, _ in batch)
             name = (pattern if len(ops) == 1 else f"{pattern} [{op}]") if group else paths[0]
-            unit_pattern = pattern if group else (paths[0] or "re:^$")
+            unit_pattern = pattern if group else exact_pattern(paths[0])
             units.append(Unit(name, unit_pattern, paths, tuple(s for _, s, _ in batch), tuple(choices), op))
         return units
 
@@ -237,7 +245,8 @@ class SearchSpace:
         """The policy that applies ``assignment`` ({unit name: choice label}); every other layer stays dense.
 
         One rule per non-dense unit, in space order, with the unit's ``op``; a dense unit gets an explicit
-        ``method = "dense"`` rule only when a later rule of its op would otherwise catch one of its layers."""
+        ``method = "dense"`` rule only when a later rule of its op would otherwise catch one of its layers, and
+        so does, first, each layer of :attr:`dense` that a rule's pattern would catch (a group's glob)."""
         chosen = [(u, u.choice(assignment[u.name])) for u in self.units]
         rules = []
         for i, (unit, choice) in enumerate(chosen):
@@ -245,10 +254,13 @@ class SearchSpace:
             if choice.dense and not any(m(p) for m in later for p in unit.layers):
                 continue
             rules.append({"match": unit.pattern, "op": unit.op, **choice.settings})
-        return Policy.from_dict({"rule": rules}, source=source)
+        factoring = [(compile_pattern(r["match"]), r["op"]) for r in rules if r["method"] != "dense"]
+        kept = [{"match": exact_pattern(path), "op": op, "method": "dense"} for path, op in self.dense
+                if any(m(path) and rule_op == op for m, rule_op in factoring)]
+        return Policy.from_dict({"rule": kept + rules}, source=source)
 
     def signature(self) -> str:
         """A digest of layers and choices: a resumed study must have been run over the same space."""
-        data = [(u.name, u.layers, [c.label for c in u.choices]) + ((u.op,) if u.op != "linear" else ())
+        data = [(u.name, u.layers, u.shapes, [c.label for c in u.choices]) + ((u.op,) if u.op != "linear" else ())
                 for u in self.units]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
