@@ -104,7 +104,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
     if not params:
         raise ValueError("distill: the student has no parameter that requires grad")
     opt = (optimizer or torch.optim.AdamW)(params, lr=lr)
-    modes = (student.training, teacher.training)
+    # per module: a submodule the caller keeps in eval (a frozen BatchNorm) must come back in eval
+    modes = [(m, m.training) for m in (*student.modules(), *teacher.modules())]
     student.train(dropout)
     teacher.eval()
     history: list[float] = []
@@ -128,6 +129,6 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *,
                 raise ValueError("distill: batches is empty (or an exhausted iterator: pass a list for epochs > 1)")
             history.append(total / count)
     finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+        for module, training in modes:
+            module.training = training
     return history

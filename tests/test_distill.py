@@ -46,3 +46,16 @@ def test_distill_runs_on_pooled_features_with_an_attention_mask():
     for loss in ("mse", "cosine"):
         history = panther_fx.distill(student, teacher, batches, epochs=3, lr=1e-2, loss=loss, progress=False)
         assert history[-1] < history[0]
+
+
+def test_distill_restores_each_modules_own_mode():
+    """Restoring the root's mode recursively put a frozen eval-mode BatchNorm back in train mode, so the
+    caller's next forward changed its running statistics."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    teacher = nn.Sequential(nn.Linear(8, 4), nn.Dropout(0.1)).eval()
+    student[1].eval()
+    before = [m.training for m in (*student.modules(), *teacher.modules())]
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    panther_fx.distill(student, teacher, batches, features=lambda out: out, progress=False)
+    assert [m.training for m in (*student.modules(), *teacher.modules())] == before
