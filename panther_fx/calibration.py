@@ -40,8 +40,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, policy: Any = None) -
     """Run ``model`` eagerly on ``batches`` and return XᵀX (I, I), float64, per nn.Linear path.
 
     X stacks every input row a layer saw (all leading dimensions flattened). A batch is a dict of keyword
-    arguments (a tokenizer output: rows at padded positions, ``attention_mask == 0``, are left out), a
-    tuple/list of positional arguments, or one tensor. With ``policy``, only the layers it sends to
+    arguments (a tokenizer output: rows at padded positions, ``attention_mask == 0``, are left out of the
+    layers whose input is batch-first (batch, seq, features) like the mask; a sequence-first layer keeps its
+    padded rows, and one whose seq equals batch would be masked transposed, so calibrate such models with
+    unpadded batches), a tuple/list of positional arguments, or one tensor. With ``policy``, only the layers it sends to
     ``asvd`` are recorded. The result is what ``options={"calibration": ...}`` and
     ``convert(..., calibration=...)`` take.
 

@@ -347,6 +347,26 @@ def test_layers_seen_but_not_rewritable_count_in_the_report_and_use_their_rule()
     assert last_report().params() == (64 * 64 + 8 * 8 * 9,) * 2
 
 
+def test_a_layer_called_twice_is_one_row_in_the_report():
+    """One row per call site counted a layer called twice, or reached at two names, twice in the totals."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+            self.c = self.b
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(self.a(x))))))
+
+    model = Twice().eval().requires_grad_(False)
+    x = torch.randn(4, 64)
+    policy = {"defaults": {"method": "svd", "rank": 64, "force": True}}
+    out = torch.compile(model, backend="panther", options={"policy": policy, "use_inductor": False})(x)
+    assert rel(out, model(x)) < 1e-5
+    assert [r.path for r in last_report()] == ["a", "b"]
+    assert last_report().params()[0] == 2 * 64 * 64
+
+
 class TiedHead(nn.Module):
     """An output head tied to the input embedding, written as F.linear on the embedding's weight."""
 

@@ -210,6 +210,7 @@ class RewriteContext:
     guard: StaleFactorGuard = field(default_factory=StaleFactorGuard)
     _values: dict[fx.Node, Any] = field(default_factory=dict)
     _factor_nodes: dict[int, dict[str, fx.Node]] = field(default_factory=dict)
+    _recorded: set[tuple[str, int]] = field(default_factory=set)
     _counter: int = 0
 
     def __post_init__(self) -> None:
@@ -275,8 +276,14 @@ class RewriteContext:
                 "policy); options={'allow_training': True} rewrites anyway with frozen factors.")
         warnings.warn(message + " allow_training=True: its factors are frozen.", UserWarning, stacklevel=2)
 
-    def record(self, decision: Decision, entry: LayerReport) -> None:
+    def record(self, decision: Decision, entry: LayerReport, weight: torch.Tensor | None = None) -> None:
+        """Add a layer's decision and report row; with ``weight``, a row only for its first call site (a layer
+        called twice, or reachable at two paths, is one layer: its parameters count once)."""
         self.decisions.append(decision)
+        if weight is not None:
+            if (entry.op, id(weight)) in self._recorded:
+                return
+            self._recorded.add((entry.op, id(weight)))
         self.report.append(entry)
 
     def keep_dense(self, path: str, op: str, weight: torch.Tensor | None, reason: str) -> None:

@@ -194,7 +194,7 @@ def rewrite_conv2d(ctx: RewriteContext) -> None:
         plan = plan_conv2d(path, weight, ctx.policy, ctx.cache, groups=groups)
         if plan.factors is not None and plan.decision.min_speedup is not None:
             plan = _speed_checked(plan, args, weight, ctx.real_value(args[2]), geometry)
-        ctx.record(plan.decision, plan.report)
+        ctx.record(plan.decision, plan.report, weight)
         if plan.factors is None:
             continue
         ctx.check_trainable(path, weight)

@@ -176,7 +176,7 @@ def rewrite_linear(ctx: RewriteContext) -> None:
         plan = plan_linear(path, weight, ctx.policy, ctx.cache, calibration=ctx.calibration)
         if plan.factors is not None and plan.decision.min_speedup is not None:
             plan = _speed_checked(plan, example_value(x), weight, ctx.real_value(b))
-        ctx.record(plan.decision, plan.report)
+        ctx.record(plan.decision, plan.report, weight)
         if plan.factors is None:
             continue
         ctx.check_trainable(path, weight)
