@@ -143,6 +143,18 @@ def test_qrcp_lu_puts_independent_columns_first():
     assert (d[:6] > 1e-3 * d.max()).all() and (d[6:] < 1e-12 * d.max()).all()
 
 
+def test_lu_pivots_that_bury_an_independent_column_are_redone():
+    """LU's partial pivoting picks a column by one coordinate: where every remaining column is zero there, it
+    takes the next one, dependent or not. diag(1, 0, 1) then had R diagonal [1, 0, 1], rank 1 and
+    ‖A[:, piv] − QR‖ = 1 (the default backend on a GPU); e0, e0, e500 through a CountSketch likewise."""
+    assert_factorization(torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=F64)),
+                         *cqrrpt(torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=F64)), qrcp_backend="lu"), rank=2)
+    A = torch.zeros(1000, 3, dtype=F64)
+    A[0, 0] = A[0, 1] = A[500, 2] = 1.0
+    for sketch in ("countsketch", "sparse_sign"):
+        assert_factorization(A, *cqrrpt(A, sketch=sketch, generator=0, qrcp_backend="lu"), rank=2)
+
+
 @pytest.mark.parametrize("seed", [10, 21])
 def test_float32_rank_is_confirmed_on_A_not_on_its_sketch(seed):
     """A float32 sketch sums many rounded terms per entry, which can lift a noise column of the sketch's R over

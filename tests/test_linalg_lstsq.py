@@ -86,8 +86,23 @@ def test_preconditioned_beats_few_iterations():
     """The stopping rule is live: one LSQR iteration is not enough on cond 1e10."""
     A, b = problem(1e10, seed=6)
     best = residual(A, reference(A, b), b)
-    assert residual(A, sketched_lstsq(A, b, generator=6, max_iter=1), b) > (1 + 1e-6) * best
+    with pytest.warns(RuntimeWarning, match="LSQR did not reach tol = 1e-10 in max_iter = 1") as caught:
+        assert residual(A, sketched_lstsq(A, b, generator=6, max_iter=1), b) > (1 + 1e-6) * best
+    assert caught[0].filename == __file__
     assert residual(A, sketched_lstsq(A, b, generator=6), b) <= (1 + 1e-6) * best
+
+
+def test_a_sketch_that_misses_a_direction_of_a_is_not_used():
+    """A perfectly conditioned but coherent A = [I; 1e-12 noise]: a CountSketch of d = 4n rows merges two
+    identity rows, its R is nearly singular without looking so, and LSQR's stopping tests then passed on a
+    solution with 770 times the optimal residual. A R⁻¹ far from an isometry now sends it to A's own QR."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.cat([torch.eye(50, dtype=torch.float64), 1e-12 * torch.randn(3950, 50, generator=g,
+                                                                             dtype=torch.float64)])
+    b = torch.randn(4000, generator=g, dtype=torch.float64)
+    best = residual(A, reference(A, b), b)
+    for seed in range(3):
+        assert residual(A, sketched_lstsq(A, b, sketch="countsketch", generator=seed), b) <= (1 + 1e-6) * best
 
 
 @pytest.mark.parametrize("A, b, kwargs, match", [

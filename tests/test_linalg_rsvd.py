@@ -126,6 +126,7 @@ def test_tol_mode_respects_rank_cap_and_batches():
     ((torch.randn(10),), dict(rank=2), "at least 2 dims"),
     ((torch.randn(10, 6),), dict(rank=7), r"rank must lie in \[1, min\(m, n\) = 6\]"),
     ((torch.randn(10, 6),), dict(rank=0), "rank must lie"),
+    ((torch.randn(5, 0),), dict(rank=None, tol=0.1), r"A \(5, 0\) is empty"),  # torch.cat([]) raised
     ((torch.randn(10, 6),), dict(rank=None), "give a rank, a tol"),
     ((torch.randn(10, 6),), dict(rank=None, tol=1.5), r"tol .* \(0, 1\)"),
     ((torch.randn(10, 6),), dict(rank=2, sketch="fancy"), "unknown sketch 'fancy'"),

@@ -78,12 +78,26 @@ def qrcp(W: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     return _qrcp_torch(W)
 
 
+LU_ORDER_JUMP = 1e3
+"""A diagonal entry of LUQR's R this many times larger than an earlier one means the LU order is not
+rank-revealing: :func:`_qrcp_lu` then redoes the pivoting with Householder QRCP."""
+
+
 def _qrcp_lu(W: Tensor) -> tuple[Tensor, Tensor]:
-    """LUQR: Wᵀ = P L U with partial pivoting, so the rows of Pᵀ Wᵀ are W's columns in pivot order."""
-    LU, pivots, _ = torch.linalg.lu_factor_ex(W.mT)  # a singular W is fine: its zero pivots come last
+    """LUQR: Wᵀ = P L U with partial pivoting, so the rows of Pᵀ Wᵀ are W's columns in pivot order.
+
+    Partial pivoting picks a column by one coordinate: when every remaining column is zero there (diag(1, 0, 1)),
+    it takes the next column, dependent or not, and an independent column lands after a zero diagonal entry,
+    where the rank cut would drop it. Such an order is detected on R's diagonal and redone by Householder."""
+    LU, pivots, _ = torch.linalg.lu_factor_ex(W.mT)
     P = torch.lu_unpack(LU, pivots, unpack_data=False)[0]
     piv = P.argmax(0)
-    return torch.linalg.qr(W[:, piv], mode="r").R[:min(W.shape)], piv
+    R = torch.linalg.qr(W[:, piv], mode="r").R[:min(W.shape)]
+    diag = R.diagonal().abs()
+    smallest_before = torch.cat((diag.new_full((1,), math.inf), diag.cummin(0).values[:-1]))
+    if bool((diag > LU_ORDER_JUMP * smallest_before).any()):  # one host sync
+        return _qrcp_torch(W)
+    return R, piv
 
 
 def _qrcp_torch(W: Tensor) -> tuple[Tensor, Tensor]:

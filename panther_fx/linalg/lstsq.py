@@ -14,6 +14,7 @@ output dtype (float32 for float32 inputs).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -81,7 +82,9 @@ def sketched_lstsq(A: Tensor, b: Tensor, *, sketch: str = "sparse_sign", method:
         S = make_sketch(sketch, d, m, generator=as_generator(generator, A.device), dtype=torch.float64,
                         device=A.device)
     Q_sk, R = torch.linalg.qr(A64 if S is None else S.apply(A64, dim=0))
-    if S is not None and _rank_deficient(R, d):  # the sketch may have lost rank: decide on A itself
+    if S is not None and (_rank_deficient(R, d) or _preconditioned_norm(A64, R) > MAX_DISTORTION):
+        # The sketch lost rank, or failed to embed A's column space (a CountSketch of a coherent A: R nearly
+        # singular without looking so, and LSQR's stopping tests then pass on a wrong x): decide on A itself.
         S = None
         Q_sk, R = torch.linalg.qr(A64)
     if _rank_deficient(R, m):
@@ -90,10 +93,31 @@ def sketched_lstsq(A: Tensor, b: Tensor, *, sketch: str = "sparse_sign", method:
                          f"{(diag.min() / diag.max()).item():.1e} in A's own QR); use cqrrpt or torch.linalg.lstsq")
     X = torch.linalg.solve_triangular(R, Q_sk.mT @ (B if S is None else S.apply(B, dim=0)), upper=True)
     if method == "precondition":
-        Y = _lsqr(A64, R, B - A64 @ X, tol, max_iter)
+        Y, converged = _lsqr(A64, R, B - A64 @ X, tol, max_iter)
+        if not converged:
+            warnings.warn(f"sketched_lstsq: LSQR did not reach tol = {tol:g} in max_iter = {max_iter} "
+                          "iterations", RuntimeWarning, stacklevel=3)  # past torch.no_grad's wrapper
         X = X + torch.linalg.solve_triangular(R, Y, upper=True)
     X = X.to(out_dtype)
     return X[:, 0] if b.dim() == 1 else X
+
+
+MAX_DISTORTION = 10.0
+"""Largest ‖A R⁻¹‖₂ accepted from a sketch's R: a subspace embedding of A's column space gives about 1–2
+(at the default d = 4n); far more means the sketch missed a direction of A, whose R⁻¹ then blows it up."""
+
+
+def _preconditioned_norm(A: Tensor, R: Tensor, iterations: int = 8) -> float:
+    """‖A R⁻¹‖₂ estimated by power iteration from a fixed start (10 products with A: cheap next to LSQR)."""
+    generator = torch.Generator(device=A.device).manual_seed(0)
+    v = torch.randn(R.shape[0], 1, dtype=A.dtype, device=A.device, generator=generator)
+    square = v.new_zeros(())
+    for _ in range(iterations):
+        v = v / v.norm().clamp_min(torch.finfo(A.dtype).tiny)
+        u = A @ torch.linalg.solve_triangular(R, v, upper=True)
+        v = torch.linalg.solve_triangular(R.mT, A.mT @ u, upper=False)
+        square = v.norm()
+    return math.sqrt(float(square))
 
 
 def _rank_deficient(R: Tensor, rows: int) -> bool:
@@ -102,8 +126,9 @@ def _rank_deficient(R: Tensor, rows: int) -> bool:
     return bool(diag.min() <= rows * torch.finfo(torch.float64).eps * diag.max())
 
 
-def _lsqr(A: Tensor, R: Tensor, B: Tensor, tol: float, max_iter: int) -> Tensor:
-    """LSQR on min_Y ‖A R⁻¹ Y − B‖ for every column of B at once (scalars become (k,) vectors)."""
+def _lsqr(A: Tensor, R: Tensor, B: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
+    """LSQR on min_Y ‖A R⁻¹ Y − B‖ for every column of B at once (scalars become (k,) vectors); returns Y and
+    whether every column met a stopping test within ``max_iter`` iterations."""
     def op(V: Tensor) -> Tensor:
         return A @ torch.linalg.solve_triangular(R, V, upper=True)
 
@@ -138,5 +163,5 @@ def _lsqr(A: Tensor, R: Tensor, B: Tensor, tol: float, max_iter: int) -> Tensor:
         optimal = alpha * c.abs() <= tol * anorm2.sqrt()
         consistent = phibar <= tol * bnorm
         if bool((optimal | consistent).all()):
-            break
-    return Y
+            return Y, True
+    return Y, False

@@ -40,6 +40,8 @@ def _check(A: Tensor, rank: int | None, tol: float | None, sketch: str, oversamp
     if A.dtype not in (torch.float32, torch.float64):  # LAPACK's QR and SVD take neither half type on the CPU
         raise ValueError(f"rsvd: A must be float32 or float64, got {A.dtype}")
     m, n = A.shape[-2:]
+    if min(m, n) == 0:
+        raise ValueError(f"rsvd: A {tuple(A.shape)} is empty: there is nothing to factorize")
     if rank is None and tol is None:
         raise ValueError("rsvd: give a rank, a tol, or both (rank then caps the rank tol mode may reach)")
     if rank is not None and not is_int(rank):
