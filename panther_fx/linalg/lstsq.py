@@ -108,7 +108,8 @@ MAX_DISTORTION = 10.0
 
 
 def _preconditioned_norm(A: Tensor, R: Tensor, iterations: int = 8) -> float:
-    """‖A R⁻¹‖₂ estimated by power iteration from a fixed start (10 products with A: cheap next to LSQR)."""
+    """‖A R⁻¹‖₂ estimated by power iteration from a fixed start (two products with A per iteration, as one
+    LSQR step: cheap next to the solve)."""
     generator = torch.Generator(device=A.device).manual_seed(0)
     v = torch.randn(R.shape[0], 1, dtype=A.dtype, device=A.device, generator=generator)
     square = v.new_zeros(())
