@@ -41,7 +41,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-
 def _latency_ms(models: dict[str, object], batch: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
     """Median wall time of one forward over ``batch`` per model, after two warm-up calls each; the models run
     interleaved (one call of each per round), so load from other processes hits them alike."""
